@@ -1,0 +1,317 @@
+"""A batching inference engine over any HF causal LM: generation and prompt scoring with log-probabilities.
+
+One worker thread owns the model. Requests that arrive while it is busy wait in a queue; at each batch start the
+worker takes up to `max_batch` of them, left-pads them into one batch and decodes them together, step by step,
+sharing each forward pass. On a CPU a forward pass over four rows costs little more than over one, so concurrent
+clients get most of their throughput back. Scoring (`echo`) is the batch's prefill, so it needs no extra pass.
+
+Reported log-probabilities are those of the model's own next-token distribution (log-softmax of the raw logits),
+whatever temperature the request samples with: callers that fuse or score need the model's belief, not the
+sampler's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from fedlm.models import LoadedModel
+from fedlm.models.token_bytes import token_bytes_table, token_text
+
+
+class ContextLengthError(ValueError):
+    """The prompt plus the requested tokens do not fit the model's context."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob plus the k most likely
+    echo: bool = False  # also score the prompt tokens
+
+
+@dataclass(frozen=True)
+class Candidate:
+    token_id: int
+    text: str
+    raw: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One position: the token that stands there, its logprob (None for a first prompt token) and the top-k."""
+
+    token: Candidate
+    top: tuple[Candidate, ...] = ()
+
+
+@dataclass
+class Completion:
+    """The full result of a request, also assembled from the stream by `Engine.complete`."""
+
+    prompt_tokens: int
+    text: str = ""
+    finish_reason: str = "length"
+    tokens: list[TokenLogprob] = field(default_factory=list)  # generated tokens that contributed to `text`
+    prompt: list[TokenLogprob] = field(default_factory=list)  # filled when echo was asked
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """A piece of output: new text with the tokens behind it, or the end of the request."""
+
+    text: str = ""
+    tokens: tuple[TokenLogprob, ...] = ()
+    prompt: tuple[TokenLogprob, ...] = ()
+    finish_reason: str | None = None
+    error: str | None = None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    events: asyncio.Queue[StreamEvent]
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def emit(self, event: StreamEvent) -> None:
+        self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+class Engine:
+    """Serves generation and scoring requests for one model from one worker thread."""
+
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_model_len: int | None = None) -> None:
+        self.name = loaded.name
+        self.model: PreTrainedModel = loaded.model
+        self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
+        self.max_batch = max_batch
+        config_len = getattr(self.model.config, "max_position_embeddings", None) or 4096
+        self.max_model_len = min(max_model_len or config_len, config_len)
+        self.token_bytes = token_bytes_table(self.tokenizer)
+        self.eos_ids = self._eos_ids()
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.batch_sizes: list[int] = []  # one entry per batch run: lets benchmarks see the batching happen
+        self._queue: queue.Queue[_Request] = queue.Queue()
+        self._worker = threading.Thread(target=self._run, name=f"fedlm-engine-{self.name}", daemon=True)
+        self._worker.start()
+
+    # ---- public API -------------------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+
+    @property
+    def chat_stop(self) -> tuple[str, ...]:
+        """Stops implied by the plain chat format used for base models, so they answer one turn only."""
+        return () if self.tokenizer.chat_template else ("\nUser:",)
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer.chat_template is None:  # a base model: a plain transcript it can continue
+            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
+            return self.encode_prompt(text)
+        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+
+    def check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        need = len(prompt_ids) + params.max_tokens
+        if need > self.max_model_len:
+            raise ContextLengthError(
+                f"this model's maximum context length is {self.max_model_len} tokens, but {len(prompt_ids)} prompt "
+                f"tokens plus max_tokens={params.max_tokens} need {need}. Shorten the prompt or lower max_tokens."
+            )
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[StreamEvent]:
+        """Yield text as it is decided, then one event with the finish reason. Cancels on early exit."""
+        self.check_length(prompt_ids, params)
+        request = _Request(prompt_ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        self._queue.put(request)
+        try:
+            while True:
+                event = await request.events.get()
+                if event.error is not None:
+                    raise RuntimeError(event.error)
+                yield event
+                if event.finish_reason is not None:
+                    return
+        finally:
+            request.cancelled.set()
+
+    async def complete(self, prompt_ids: list[int], params: SamplingParams) -> Completion:
+        result = Completion(prompt_tokens=len(prompt_ids))
+        async for event in self.stream(prompt_ids, params):
+            result.text += event.text
+            result.tokens.extend(event.tokens)
+            result.prompt.extend(event.prompt)
+            result.finish_reason = event.finish_reason or result.finish_reason
+        return result
+
+    # ---- worker -----------------------------------------------------------------------------------------------
+
+    def _eos_ids(self) -> list[int]:
+        ids = self.model.generation_config.eos_token_id
+        ids = [ids] if isinstance(ids, int) else list(ids or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            batch = [self._queue.get()]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            batch = [r for r in batch if not r.cancelled.is_set()]
+            if not batch:
+                continue
+            self.batch_sizes.append(len(batch))
+            try:
+                self._decode(batch)
+            except Exception as err:  # a failure fails this batch, never the worker
+                for request in batch:
+                    request.emit(StreamEvent(error=f"{type(err).__name__}: {err}"))
+
+    def _decode(self, batch: list[_Request]) -> None:
+        width = max(len(r.prompt_ids) for r in batch)
+        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for row, request in enumerate(batch):
+            input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
+            mask[row, width - len(request.prompt_ids) :] = 1
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
+        logprobs = out.logits.float().log_softmax(-1)
+        states = [_RowState(self, request) for request in batch]
+        for row, state in enumerate(states):
+            if state.request.params.echo:
+                state.emit_prompt(logprobs[row, width - len(state.request.prompt_ids) :])
+        cache = out.past_key_values
+        step_logprobs = logprobs[:, -1]
+        del out, logprobs
+        while True:
+            next_ids = torch.full((len(batch),), self.pad_id, dtype=torch.long)
+            for row, state in enumerate(states):
+                if not state.done:
+                    next_ids[row] = state.advance(step_logprobs[row])
+            if all(state.done for state in states):
+                return
+            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
+            positions = positions[:, -1:] + 1
+            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            step_logprobs = out.logits[:, -1].float().log_softmax(-1)
+
+    def candidate(self, token_id: int, logprob: float) -> Candidate:
+        raw = self.token_bytes[token_id]
+        text = token_text(raw) if raw or token_id not in self.tokenizer.all_special_ids else self.tokenizer.convert_ids_to_tokens(token_id)
+        return Candidate(token_id, text, raw, logprob)
+
+    def position(self, token_id: int, logprobs: torch.Tensor | None, k: int) -> TokenLogprob:
+        """The token at one position, with its logprob and the top-k, from that position's distribution."""
+        if logprobs is None:
+            return TokenLogprob(self.candidate(token_id, float("nan")))
+        top: tuple[Candidate, ...] = ()
+        if k > 0:
+            values, ids = logprobs.topk(k)
+            top = tuple(self.candidate(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(self.candidate(token_id, float(logprobs[token_id])), top)
+
+
+class _RowState:
+    """Decoding state of one request inside a batch: sampling, detokenisation, stop strings, emission."""
+
+    def __init__(self, engine: Engine, request: _Request) -> None:
+        self.engine = engine
+        self.request = request
+        self.params = request.params
+        self.generator = torch.Generator().manual_seed(self.params.seed) if self.params.seed is not None else None
+        self.raw = b""  # generated bytes so far
+        self.sent_chars = 0  # characters of the decoded text already emitted
+        self.pending: list[TokenLogprob] = []  # tokens whose text is not emitted yet
+        self.count = 0
+        self.done = self.params.max_tokens == 0
+        if self.done and not self.params.echo:
+            request.emit(StreamEvent(finish_reason="length"))
+
+    def emit_prompt(self, logprobs: torch.Tensor) -> None:
+        ids = self.request.prompt_ids
+        k = self.params.top_logprobs or 0
+        scored = [self.engine.position(ids[0], None, 0)]
+        scored += [self.engine.position(ids[i], logprobs[i - 1], k) for i in range(1, len(ids))]
+        self.request.emit(StreamEvent(prompt=tuple(scored), finish_reason="length" if self.done else None))
+
+    def _sample(self, logprobs: torch.Tensor) -> int:
+        if self.params.temperature <= 0:
+            return int(logprobs.argmax())
+        probs = (logprobs / self.params.temperature).softmax(-1)
+        if self.params.top_p < 1.0:
+            sorted_probs, order = probs.sort(descending=True)
+            keep = sorted_probs.cumsum(-1) - sorted_probs < self.params.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def advance(self, logprobs: torch.Tensor) -> int:
+        """Pick the next token, emit whatever text is now final, and return the token id."""
+        if self.request.cancelled.is_set():
+            self.done = True
+            return self.engine.pad_id
+        token_id = self._sample(logprobs)
+        self.count += 1
+        if token_id in self.engine.eos_ids:
+            return self._finish("stop")
+        if self.params.top_logprobs is not None:
+            self.pending.append(self.engine.position(token_id, logprobs, self.params.top_logprobs))
+        self.raw += self.engine.token_bytes[token_id]
+        text = self.raw.decode("utf-8", errors="ignore") if _complete_utf8(self.raw) else self.raw[: _last_boundary(self.raw)].decode("utf-8", errors="ignore")
+        for stop in self.params.stop:
+            at = text.find(stop, max(0, self.sent_chars - len(stop)))
+            if at != -1:
+                self._send(text[:at])
+                return self._finish("stop")
+        if self.count >= self.params.max_tokens:
+            self._send(self.raw.decode("utf-8", errors="replace"))
+            return self._finish("length")
+        hold = max((len(s) - 1 for s in self.params.stop), default=0)  # a stop string may still be forming
+        self._send(text[: max(self.sent_chars, len(text) - hold)])
+        return token_id
+
+    def _send(self, text: str) -> None:
+        delta = text[self.sent_chars :]
+        if delta or self.pending:
+            self.request.emit(StreamEvent(text=delta, tokens=tuple(self.pending)))
+            self.sent_chars = len(text)
+            self.pending = []
+
+    def _finish(self, reason: str) -> int:
+        self.done = True
+        self.request.emit(StreamEvent(tokens=tuple(self.pending), finish_reason=reason))
+        self.pending = []
+        return self.engine.pad_id
+
+
+def _last_boundary(raw: bytes) -> int:
+    """Length of the longest prefix of `raw` that ends on a UTF-8 character boundary."""
+    for back in range(1, min(4, len(raw)) + 1):
+        byte = raw[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte or ASCII: is its character complete?
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return len(raw) if back >= need else len(raw) - back
+    return len(raw)
+
+
+def _complete_utf8(raw: bytes) -> bool:
+    return _last_boundary(raw) == len(raw)

@@ -1,0 +1,49 @@
+"""Resolve a model name or folder to a loaded HF causal LM and its tokenizer."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from fedlm.models.cache import ensure_converted
+from fedlm.models.registry import BUILTIN
+
+
+class UnknownModelError(ValueError):
+    """Raised for a name that is neither built in nor an existing HF model folder."""
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    load_seconds: float = field(default=0.0)
+
+
+def resolve(name_or_path: str, quiet: bool = False) -> Path:
+    """Return the HF folder for a built-in name (converting it once) or a local model folder."""
+    if name_or_path in BUILTIN:
+        return ensure_converted(BUILTIN[name_or_path], quiet=quiet)
+    path = Path(name_or_path).expanduser()
+    if (path / "config.json").is_file():
+        return path
+    known = ", ".join(sorted(BUILTIN))
+    hint = "that folder has no config.json" if path.is_dir() else "no such built-in name or folder"
+    raise UnknownModelError(f"unknown model {name_or_path!r} ({hint}). Built-in names: {known}; or pass a local HF model folder.")
+
+
+def load(name_or_path: str, quiet: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """Load model and tokenizer in eval mode. Never reaches a hub: only local files are read."""
+    start = time.perf_counter()
+    folder = resolve(name_or_path, quiet=quiet)
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(name_or_path, model, tokenizer, time.perf_counter() - start)

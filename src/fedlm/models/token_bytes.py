@@ -1,0 +1,66 @@
+"""The exact UTF-8 bytes each token id contributes to decoded text.
+
+OpenAI's logprobs carry a `bytes` field per token, scoring needs token spans inside a text, and aligning two
+vocabularies needs both tokenizers' tokens as bytes. Decoding one token at a time loses bytes (a lone byte of a
+multi-byte character decodes to U+FFFD), so the table is derived from the tokenizer's own decoder rules instead.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+
+from transformers import PreTrainedTokenizerBase
+
+_BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@cache
+def _byte_level_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet: each byte is shown as one printable character; this inverts that map."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def _decoder_steps(tokenizer: PreTrainedTokenizerBase) -> list[dict]:
+    decoder = json.loads(tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    return decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
+
+
+def token_bytes_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
+    """Bytes per token id; special tokens (BOS, EOS, chat markers) contribute no text, so they map to b""."""
+    steps = _decoder_steps(tokenizer)
+    kinds = {step.get("type") for step in steps}
+    replaces = [(step["pattern"]["String"], step["content"]) for step in steps if step.get("type") == "Replace" and "String" in step.get("pattern", {})]
+    alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    table: list[bytes] = []
+    for token_id, piece in enumerate(pieces):
+        if token_id in special or piece is None:
+            table.append(b"")
+        elif alphabet is not None:
+            table.append(bytes(alphabet[c] for c in piece) if all(c in alphabet for c in piece) else piece.encode())
+        elif "ByteFallback" in kinds and (match := _BYTE_PIECE.match(piece)):
+            table.append(bytes([int(match.group(1), 16)]))
+        else:
+            for pattern, content in replaces:
+                piece = piece.replace(pattern, content)
+            table.append(piece.encode())
+    return table
+
+
+def token_text(raw: bytes) -> str:
+    """A token's display string; a partial UTF-8 sequence is shown as `bytes:\\xNN` as OpenAI's API does."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
