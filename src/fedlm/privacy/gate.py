@@ -1,0 +1,172 @@
+"""The single choke point for data leaving the device.
+
+Every request body bound for a cloud model or a KV transmitter goes through `EgressGate.outbound`, which applies
+the policy to the body's text fields, serialises the result, writes one audit record for exactly those bytes and
+returns them: the caller sends what the gate returns and nothing else. `inbound` undoes the placeholders in the
+answers, on the device.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from fedlm.privacy.audit import AuditLog, AuditRecord
+from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector
+from fedlm.privacy.policy import DEFAULT_POLICY, Policy
+from fedlm.privacy.redact import Redactor
+from fedlm.privacy.rephrase import Rewriter, SlmRewriter
+
+TextFn = Callable[[str], str]
+
+
+class EgressBlocked(Exception):
+    """A sensitive request under the `local` policy: it must not leave, so the edge model answers alone."""
+
+    def __init__(self, destination: str, entity_types: list[str]) -> None:
+        self.destination = destination
+        self.entity_types = entity_types
+        super().__init__(
+            f"privacy policy 'local' kept a request to {destination} on the device: it contains "
+            f"{', '.join(entity_types)}. Answer with the edge model, or choose --privacy redact|rephrase."
+        )
+
+
+def _map_content(content: Any, fn: TextFn) -> Any:
+    if isinstance(content, str):
+        return fn(content)
+    if isinstance(content, list):
+        return [
+            {**part, "text": fn(part["text"])}
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            else part
+            for part in content
+        ]
+    return content
+
+
+def map_request_texts(body: dict[str, Any], fn: TextFn) -> dict[str, Any]:
+    """A copy of an outgoing body with `fn` applied to `prompt`, `text` and every `messages[*].content` text."""
+    out = dict(body)
+    for key in ("prompt", "text"):
+        value = out.get(key)
+        if isinstance(value, str):
+            out[key] = fn(value)
+        elif isinstance(value, list):
+            out[key] = [fn(v) if isinstance(v, str) else v for v in value]
+    if isinstance(out.get("messages"), list):
+        out["messages"] = [
+            {**m, "content": _map_content(m.get("content"), fn)} if isinstance(m, dict) else m for m in out["messages"]
+        ]
+    return out
+
+
+class EgressGate:
+    """Applies one egress policy to every outgoing body, and audits each one.
+
+    The detector (a few seconds to build) loads only when the policy needs it; `off` never scans. Placeholders
+    are consistent for the life of the gate, so keep one gate per conversation or per client.
+    """
+
+    def __init__(
+        self,
+        policy: Policy | str = DEFAULT_POLICY,
+        *,
+        detector: Detector | None = None,
+        audit: AuditLog | Path | str | None = None,
+        rewriter: Rewriter | None = None,
+        threshold: float = DEFAULT_THRESHOLD,
+    ) -> None:
+        self.policy = Policy.parse(policy)
+        self.detector = detector or Detector(threshold=threshold)
+        self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
+        self.rewriter: Rewriter = rewriter or SlmRewriter()
+        self.redactor = Redactor()
+        self.last_seconds = 0.0  # time the last `outbound` took: detection, rewriting, serialising, auditing
+        self._carry: dict[tuple[str, Any, Any], str] = {}
+        self._carry_lock = threading.Lock()
+
+    def outbound(self, destination: str, body: dict[str, Any]) -> bytes:
+        """The bytes to send for `body`. Raises `EgressBlocked` when the `local` policy keeps it on the device."""
+        if not isinstance(body, dict):
+            raise TypeError(f"request body must be a JSON object (dict), got {type(body).__name__}")
+        start = time.perf_counter()
+        removed: Counter[str] = Counter()
+        outgoing = body
+        if self.policy is not Policy.OFF:
+            outgoing = map_request_texts(body, self._policy_fn(removed))
+        if self.policy is Policy.LOCAL and removed:
+            self.audit.append(AuditRecord.for_payload(destination, self.policy.value, b"", removed, blocked=True))
+            self.last_seconds = time.perf_counter() - start
+            raise EgressBlocked(destination, sorted(removed))
+        payload = json.dumps(outgoing, separators=(",", ":")).encode()
+        self.audit.append(AuditRecord.for_payload(destination, self.policy.value, payload, removed))
+        self.last_seconds = time.perf_counter() - start
+        return payload
+
+    def _policy_fn(self, removed: Counter[str]) -> TextFn:
+        """The per-text transform for the current policy; it tallies what it found into `removed`."""
+
+        def note(text: str) -> Any:
+            scan = self.detector.scan(text)
+            removed.update(e.type for e in scan.entities)
+            return scan
+
+        def local(text: str) -> str:
+            note(text)
+            return text
+
+        def redact(text: str) -> str:
+            return self.redactor.redact(note(text))
+
+        def rephrase(text: str) -> str:
+            if not note(text).sensitive:
+                return text  # nothing private: the prompt leaves unchanged and loses nothing
+            return self.redactor.redact(self.detector.scan(self.rewriter(text)))
+
+        return {Policy.LOCAL: local, Policy.REDACT: redact, Policy.REPHRASE: rephrase}[self.policy]
+
+    def inbound(self, destination: str, body: dict[str, Any]) -> dict[str, Any]:
+        """A copy of a response body (or stream chunk) with this gate's placeholders restored in its texts."""
+        if self.policy not in (Policy.REDACT, Policy.REPHRASE) or not isinstance(body.get("choices"), list):
+            return body
+        restore = self.redactor.restore
+        choices = []
+        for index, choice in enumerate(body["choices"]):
+            if not isinstance(choice, dict):
+                choices.append(choice)
+                continue
+            choice = dict(choice)
+            if isinstance(choice.get("text"), str):
+                choice["text"] = restore(choice["text"])
+            if isinstance(choice.get("message"), dict):
+                choice["message"] = {
+                    **choice["message"],
+                    "content": _map_content(choice["message"].get("content"), restore),
+                }
+            if isinstance(choice.get("delta"), dict):
+                key = (destination, body.get("id"), choice.get("index", index))
+                choice["delta"] = self._restore_delta(
+                    key, choice["delta"], finished=choice.get("finish_reason") is not None
+                )
+            choices.append(choice)
+        return {**body, "choices": choices}
+
+    def _restore_delta(self, key: tuple[str, Any, Any], delta: dict[str, Any], finished: bool) -> dict[str, Any]:
+        """Restore a streamed piece, holding back a trailing fragment of a placeholder until the next piece."""
+        content = delta.get("content")
+        with self._carry_lock:
+            held = self._carry.pop(key, "")
+            if not held and not isinstance(content, str):
+                return delta
+            text = held + (content if isinstance(content, str) else "")
+            if not finished:
+                text, self._carry[key] = self.redactor.split_partial(text)
+                if not self._carry[key]:
+                    del self._carry[key]
+        return {**delta, "content": self.redactor.restore(text)}
