@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlm.privacy.audit import AuditLog, AuditRecord
-from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector
+from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector, Scan
 from fedlm.privacy.policy import DEFAULT_POLICY, Policy
 from fedlm.privacy.redact import Redactor
 from fedlm.privacy.rephrase import Rewriter, SlmRewriter
@@ -99,7 +99,7 @@ class EgressGate:
         removed: Counter[str] = Counter()
         outgoing = body
         if self.policy is not Policy.OFF:
-            outgoing = map_request_texts(body, self._policy_fn(removed))
+            outgoing = self._apply_policy(body, removed)
         if self.policy is Policy.LOCAL and removed:
             self.audit.append(AuditRecord.for_payload(destination, self.policy.value, b"", removed, blocked=True))
             self.last_seconds = time.perf_counter() - start
@@ -109,27 +109,35 @@ class EgressGate:
         self.last_seconds = time.perf_counter() - start
         return payload
 
-    def _policy_fn(self, removed: Counter[str]) -> TextFn:
-        """The per-text transform for the current policy; it tallies what it found into `removed`."""
+    def _apply_policy(self, body: dict[str, Any], removed: Counter[str]) -> dict[str, Any]:
+        """Scan every text first, so a value found in any of them is masked in all; then transform each text.
 
-        def note(text: str) -> Any:
-            scan = self.detector.scan(text)
-            removed.update(e.type for e in scan.entities)
-            return scan
+        `removed` receives the type of every span taken out (or, under `local`, that would have been)."""
+        scans: dict[str, Scan] = {}
+
+        def collect(text: str) -> str:
+            scans[text] = self.detector.scan(text)
+            self.redactor.remember(scans[text])
+            return text
+
+        map_request_texts(body, collect)
 
         def local(text: str) -> str:
-            note(text)
+            removed.update(entity_type for _, _, entity_type in self.redactor.spans(scans[text]))
             return text
 
         def redact(text: str) -> str:
-            return self.redactor.redact(note(text))
+            removed.update(entity_type for _, _, entity_type in self.redactor.spans(scans[text]))
+            return self.redactor.redact(scans[text])
 
         def rephrase(text: str) -> str:
-            if not note(text).sensitive:
+            masked = redact(text)
+            if masked == text:
                 return text  # nothing private: the prompt leaves unchanged and loses nothing
-            return self.redactor.redact(self.detector.scan(self.rewriter(text)))
+            return self.redactor.redact(self.detector.scan(self.rewriter(masked)))
 
-        return {Policy.LOCAL: local, Policy.REDACT: redact, Policy.REPHRASE: rephrase}[self.policy]
+        transform = {Policy.LOCAL: local, Policy.REDACT: redact, Policy.REPHRASE: rephrase}[self.policy]
+        return map_request_texts(body, transform)
 
     def inbound(self, destination: str, body: dict[str, Any]) -> dict[str, Any]:
         """A copy of a response body (or stream chunk) with this gate's placeholders restored in its texts."""

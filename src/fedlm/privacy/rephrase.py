@@ -1,8 +1,9 @@
 """Rewrite a sensitive prompt on the device so only its generic intent leaves, as FedRefine does for transmitters.
 
 A rewriter is any `str -> str` callable, so tests and other edge models can stand in. The default one runs the
-edge SLM greedily through its chat template. Small models do not always comply, which is why the gate redacts the
-rewrite afterwards: the rewrite lowers what leaks, redaction bounds it.
+edge SLM greedily through its chat template. The gate hands the rewriter an already redacted text (so a model
+that echoes or garbles a value cannot leak it in a form the detector no longer recognises) and redacts the rewrite
+again; the rewrite's job is to drop what the detector missed and the private intent around the placeholders.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ Rewriter = Callable[[str], str]
 INSTRUCTION = (
     "Rewrite the user's message so it asks for the same thing in general terms. Remove every personal detail: "
     "names, e-mail addresses, phone numbers, account and card numbers, passwords, keys, birth dates, and health "
-    "facts about specific people. Reply with the rewritten message only."
+    "facts about specific people. Keep placeholders such as <PERSON_1> as they are. Do not answer the message; "
+    "reply with the rewritten message only."
 )
 
 
@@ -47,11 +49,13 @@ class SlmRewriter:
             messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
         )
         prompt_len = inputs["input_ids"].shape[1]
+        # A rewrite should be no longer than the original; the cap also bounds the time on a slow device.
+        budget = min(self.max_new_tokens, 2 * len(tokenizer(text)["input_ids"]) + 16)
         with torch.inference_mode():
             output = model.generate(
                 **inputs,
                 do_sample=False,
-                max_new_tokens=self.max_new_tokens,
+                max_new_tokens=budget,
                 pad_token_id=tokenizer.pad_token_id,
             )
         rewritten = tokenizer.decode(output[0, prompt_len:], skip_special_tokens=True).strip()
