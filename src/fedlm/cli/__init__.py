@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import typer
 
+from fedlm.cli import cloud, models
 from fedlm.cli.bench import app as bench_app
+from fedlm.cli.demo import demo_command
+from fedlm.cli.evaluate import eval_command
 from fedlm.cli.privacy import app as privacy_app
 
 app = typer.Typer(
@@ -14,9 +17,20 @@ app = typer.Typer(
     pretty_exceptions_show_locals=False,
 )
 
+app.add_typer(models.app, name="models")
+app.add_typer(cloud.app, name="cloud")
+app.command("eval")(eval_command)
+app.command("demo")(demo_command)
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(bench_app, name="bench")
 
 
 def main() -> None:
-    app()
+    """Run the CLI; errors the user can act on end with their message instead of a traceback."""
+    from fedlm.cloud.client import CloudError
+
+    try:
+        app()
+    except CloudError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(1) from err

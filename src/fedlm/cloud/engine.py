@@ -19,9 +19,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from fedlm.cloud import batch_cache
 from fedlm.models import LoadedModel
+from fedlm.models.chat import chat_prompt_ids, chat_stops
 from fedlm.models.token_bytes import token_bytes_table, token_text
 
 
@@ -63,7 +65,7 @@ class Completion:
     prompt_tokens: int
     text: str = ""
     finish_reason: str = "length"
-    tokens: list[TokenLogprob] = field(default_factory=list)  # generated tokens that contributed to `text`
+    tokens: list[TokenLogprob] = field(default_factory=list)  # the generated tokens (an EOS is not kept)
     prompt: list[TokenLogprob] = field(default_factory=list)  # filled when echo was asked
 
 
@@ -103,7 +105,7 @@ class Engine:
         self.token_bytes = token_bytes_table(self.tokenizer)
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
-        self.batch_sizes: list[int] = []  # one entry per batch run: lets benchmarks see the batching happen
+        self.batch_sizes: list[int] = []  # rows in each decode step: lets benchmarks see the batching happen
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"fedlm-engine-{self.name}", daemon=True)
         self._worker.start()
@@ -115,14 +117,10 @@ class Engine:
 
     @property
     def chat_stop(self) -> tuple[str, ...]:
-        """Stops implied by the plain chat format used for base models, so they answer one turn only."""
-        return () if self.tokenizer.chat_template else ("\nUser:",)
+        return chat_stops(self.tokenizer)
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
-        if self.tokenizer.chat_template is None:  # a base model: a plain transcript it can continue
-            text = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in messages) + "Assistant:"
-            return self.encode_prompt(text)
-        return list(self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"])
+        return chat_prompt_ids(self.tokenizer, messages)
 
     def check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
         need = len(prompt_ids) + params.max_tokens
@@ -168,56 +166,59 @@ class Engine:
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
+        running: _Batch | None = None
         while True:
-            batch = [self._queue.get()]
-            while len(batch) < self.max_batch:
-                try:
-                    batch.append(self._queue.get_nowait())
-                except queue.Empty:
-                    break
-            batch = [r for r in batch if not r.cancelled.is_set()]
-            if not batch:
-                continue
-            self.batch_sizes.append(len(batch))
+            waiting = [] if running else [self._queue.get()]  # idle: block until work arrives
+            room = self.max_batch - len(waiting) - (running.size if running else 0)
+            if running is None or running.joinable:
+                while room > 0:
+                    try:
+                        waiting.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                    room -= 1
+            waiting = [r for r in waiting if not r.cancelled.is_set()]
             try:
-                self._decode(batch)
-            except Exception as err:  # a failure fails this batch, never the worker
-                for request in batch:
+                if waiting:
+                    joined = self._prefill(waiting)
+                    running = joined if running is None else running.merge(joined)
+                if running is not None:
+                    running = running.without_finished()
+                if running is not None:
+                    self.batch_sizes.append(running.size)
+                    running.step()
+            except Exception as err:  # a failure fails the requests in flight, never the worker
+                failed = waiting + ([s.request for s in running.states] if running else [])
+                for request in failed:
                     request.emit(StreamEvent(error=f"{type(err).__name__}: {err}"))
+                running = None
 
-    def _decode(self, batch: list[_Request]) -> None:
-        width = max(len(r.prompt_ids) for r in batch)
-        input_ids = torch.full((len(batch), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, request in enumerate(batch):
+    def _prefill(self, requests: list[_Request]) -> _Batch:
+        """Run the prompts of newly admitted requests as one left-padded batch and pick their first tokens."""
+        width = max(len(r.prompt_ids) for r in requests)
+        input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(requests), width), dtype=torch.long)
+        for row, request in enumerate(requests):
             input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
             mask[row, width - len(request.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
         logprobs = out.logits.float().log_softmax(-1)
-        states = [_RowState(self, request) for request in batch]
+        states = [_RowState(self, request) for request in requests]
         for row, state in enumerate(states):
-            if state.request.params.echo:
+            if state.params.echo:
                 state.emit_prompt(logprobs[row, width - len(state.request.prompt_ids) :])
-        cache = out.past_key_values
-        step_logprobs = logprobs[:, -1]
-        del out, logprobs
-        while True:
-            next_ids = torch.full((len(batch),), self.pad_id, dtype=torch.long)
-            for row, state in enumerate(states):
-                if not state.done:
-                    next_ids[row] = state.advance(step_logprobs[row])
-            if all(state.done for state in states):
-                return
-            mask = torch.cat([mask, torch.ones((len(batch), 1), dtype=torch.long)], dim=1)
-            positions = positions[:, -1:] + 1
-            out = self.model(input_ids=next_ids[:, None], attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            step_logprobs = out.logits[:, -1].float().log_softmax(-1)
+        batch = _Batch(self, states, out.past_key_values, mask, positions[:, -1:])
+        batch.advance(logprobs[:, -1])
+        return batch
 
     def candidate(self, token_id: int, logprob: float) -> Candidate:
         raw = self.token_bytes[token_id]
-        text = token_text(raw) if raw or token_id not in self.tokenizer.all_special_ids else self.tokenizer.convert_ids_to_tokens(token_id)
+        text = (
+            token_text(raw)
+            if raw or token_id not in self.tokenizer.all_special_ids
+            else self.tokenizer.convert_ids_to_tokens(token_id)
+        )
         return Candidate(token_id, text, raw, logprob)
 
     def position(self, token_id: int, logprobs: torch.Tensor | None, k: int) -> TokenLogprob:
@@ -229,6 +230,71 @@ class Engine:
             values, ids = logprobs.topk(k)
             top = tuple(self.candidate(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
         return TokenLogprob(self.candidate(token_id, float(logprobs[token_id])), top)
+
+
+class _Batch:
+    """The requests being decoded together: their cache, padding mask, positions and next input tokens."""
+
+    def __init__(
+        self, engine: Engine, states: list[_RowState], cache: DynamicCache, mask: torch.Tensor, positions: torch.Tensor
+    ) -> None:
+        self.engine, self.states, self.cache, self.mask, self.positions = engine, states, cache, mask, positions
+        self.next_ids = torch.full((len(states),), engine.pad_id, dtype=torch.long)
+        self.joinable = batch_cache.can_edit(cache)  # else new requests wait until this batch is done
+
+    @property
+    def size(self) -> int:
+        return len(self.states)
+
+    def advance(self, logprobs: torch.Tensor) -> None:
+        for row, state in enumerate(self.states):
+            if not state.done:
+                self.next_ids[row] = state.advance(logprobs[row])
+
+    def step(self) -> None:
+        """One forward pass for every row, then one new token each."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones((self.size, 1))], dim=1)
+        self.positions = self.positions + 1
+        out = self.engine.model(
+            input_ids=self.next_ids[:, None],
+            attention_mask=self.mask,
+            position_ids=self.positions,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.cache = out.past_key_values
+        self.advance(out.logits[:, -1].float().log_softmax(-1))
+
+    def merge(self, other: _Batch) -> _Batch:
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        self.cache = batch_cache.merge(self.cache, other.cache)
+        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        self.positions = torch.cat([self.positions, other.positions])
+        self.next_ids = torch.cat([self.next_ids, other.next_ids])
+        self.states += other.states
+        return self
+
+    def without_finished(self) -> _Batch | None:
+        """Drop finished rows and the padding columns nobody needs any more; None when no row is left."""
+        keep = [row for row, state in enumerate(self.states) if not state.done]
+        if not keep:
+            return None
+        if len(keep) < self.size:
+            if not self.joinable:
+                return self  # cannot edit this cache: finished rows ride along until the batch ends
+            index = torch.tensor(keep)
+            batch_cache.select_rows(self.cache, index)
+            self.mask, self.positions, self.next_ids = self.mask[index], self.positions[index], self.next_ids[index]
+            self.states = [self.states[row] for row in keep]
+        if self.joinable:
+            unused = int((self.mask.sum(0) == 0).long().cumprod(0).sum())
+            batch_cache.drop_left(self.cache, unused)
+            self.mask = self.mask[:, unused:]
+        return self
+
+
+def _left_pad(mask: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.cat([mask.new_zeros((mask.shape[0], width - mask.shape[1])), mask], dim=1)
 
 
 class _RowState:
@@ -273,10 +339,13 @@ class _RowState:
         self.count += 1
         if token_id in self.engine.eos_ids:
             return self._finish("stop")
-        if self.params.top_logprobs is not None:
-            self.pending.append(self.engine.position(token_id, logprobs, self.params.top_logprobs))
+        self.pending.append(self.engine.position(token_id, logprobs, self.params.top_logprobs or 0))
         self.raw += self.engine.token_bytes[token_id]
-        text = self.raw.decode("utf-8", errors="ignore") if _complete_utf8(self.raw) else self.raw[: _last_boundary(self.raw)].decode("utf-8", errors="ignore")
+        text = (
+            self.raw.decode("utf-8", errors="ignore")
+            if _complete_utf8(self.raw)
+            else self.raw[: _last_boundary(self.raw)].decode("utf-8", errors="ignore")
+        )
         for stop in self.params.stop:
             at = text.find(stop, max(0, self.sent_chars - len(stop)))
             if at != -1:

@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.engine import Completion, ContextLengthError, Engine, SamplingParams, TokenLogprob
+from fedlm.models.token_bytes import char_len
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 
@@ -22,12 +23,24 @@ DEFAULT_CHAT_MAX_TOKENS = 256
 class APIError(Exception):
     """An error the client caused or must know about, sent as an OpenAI error body."""
 
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.body = status, p.ErrorResponse(error=p.ErrorDetail(message=message, type=type_, param=param, code=code))
+        self.status, self.body = (
+            status,
+            p.ErrorResponse(error=p.ErrorDetail(message=message, type=type_, param=param, code=code)),
+        )
 
 
-def _error(status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> JSONResponse:
     return JSONResponse(p.dump(APIError(status, message, type_, param, code).body), status_code=status)
 
 
@@ -39,7 +52,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if api_key and request.url.path.startswith("/v1/"):
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer <key>'", "authentication_error", code="invalid_api_key")
+                return _error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
         return await call_next(request)
 
     @app.exception_handler(APIError)
@@ -55,11 +73,18 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error")
+        return _error(
+            err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error"
+        )
 
     def check_model(name: str) -> None:
         if name != engine.name:
-            raise APIError(404, f"model {name!r} is not served here; this server serves {engine.name!r} (see /v1/models)", param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this server serves {engine.name!r} (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
 
     def check_length(prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
@@ -78,14 +103,18 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest) -> Any:
         check_model(body.model)
-        params = SamplingParams(body.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop or ()), body.logprobs, body.echo)
+        params = SamplingParams(
+            body.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop or ()), body.logprobs, body.echo
+        )
         ids = engine.encode_prompt(body.prompt)
         check_length(ids, params, "prompt")
         if body.stream:
             return _sse(_completion_chunks(engine, ids, params, body.prompt))
         result = await engine.complete(ids, params)
         text = (body.prompt if body.echo else "") + result.text
-        logprobs = _completion_logprobs(result.prompt + result.tokens, body.logprobs) if body.logprobs is not None else None
+        logprobs = (
+            _completion_logprobs(result.prompt + result.tokens, body.logprobs) if body.logprobs is not None else None
+        )
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
         return p.dump(p.CompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
@@ -93,22 +122,37 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def chat(body: p.ChatCompletionRequest) -> Any:
         check_model(body.model)
         top = (body.top_logprobs or 0) if body.logprobs else None
-        params = SamplingParams(body.token_budget(DEFAULT_CHAT_MAX_TOKENS), body.temperature, body.top_p, body.seed, tuple(body.stop or ()) + engine.chat_stop, top)
-        ids = engine.encode_chat([{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages])
+        params = SamplingParams(
+            body.token_budget(DEFAULT_CHAT_MAX_TOKENS),
+            body.temperature,
+            body.top_p,
+            body.seed,
+            tuple(body.stop or ()) + engine.chat_stop,
+            top,
+        )
+        ids = engine.encode_chat(
+            [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        )
         check_length(ids, params, "messages")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_chunks(engine, ids, params, include_usage))
         result = await engine.complete(ids, params)
         logprobs = p.ChoiceLogprobs(content=[_chat_logprob(t) for t in result.tokens]) if body.logprobs else None
-        choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=result.finish_reason)
+        choice = p.ChatChoice(
+            message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=result.finish_reason
+        )
         return p.dump(p.ChatCompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
     return app
 
 
 def _usage(result: Completion) -> p.Usage:
-    return p.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens), total_tokens=result.prompt_tokens + len(result.tokens))
+    return p.Usage(
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=len(result.tokens),
+        total_tokens=result.prompt_tokens + len(result.tokens),
+    )
 
 
 def _completion_logprobs(positions: list[TokenLogprob], k: int, start_offset: int = 0) -> p.CompletionLogprobs:
@@ -116,17 +160,17 @@ def _completion_logprobs(positions: list[TokenLogprob], k: int, start_offset: in
     offsets, at = [], start_offset
     for position in positions:
         offsets.append(at)
-        at += _char_len(position.token.raw)
+        at += char_len(position.token.raw)
     return p.CompletionLogprobs(
         tokens=[t.token.text for t in positions],
-        token_logprobs=[None if t.token.logprob != t.token.logprob else t.token.logprob for t in positions],  # NaN: unscored
-        top_logprobs=[None if t.token.logprob != t.token.logprob else {c.text: c.logprob for c in t.top[:k]} for t in positions],
+        token_logprobs=[
+            None if t.token.logprob != t.token.logprob else t.token.logprob for t in positions
+        ],  # NaN: unscored
+        top_logprobs=[
+            None if t.token.logprob != t.token.logprob else {c.text: c.logprob for c in t.top[:k]} for t in positions
+        ],
         text_offset=offsets,
     )
-
-
-def _char_len(raw: bytes) -> int:
-    return sum(1 for b in raw if b & 0xC0 != 0x80)
 
 
 def _chat_logprob(position: TokenLogprob) -> p.ChatTokenLogprob:
@@ -144,29 +188,47 @@ def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
-async def _chat_chunks(engine: Engine, ids: list[int], params: SamplingParams, include_usage: bool) -> AsyncIterator[dict[str, Any]]:
+async def _chat_chunks(
+    engine: Engine, ids: list[int], params: SamplingParams, include_usage: bool
+) -> AsyncIterator[dict[str, Any]]:
     chunk_id, created, count = p.new_id("chatcmpl"), int(time.time()), 0
 
     def chunk(choice: p.ChatChunkChoice | None, usage: p.Usage | None = None) -> dict[str, Any]:
-        return p.dump(p.ChatCompletionChunk(id=chunk_id, created=created, model=engine.name, choices=[choice] if choice else [], usage=usage))
+        return p.dump(
+            p.ChatCompletionChunk(
+                id=chunk_id, created=created, model=engine.name, choices=[choice] if choice else [], usage=usage
+            )
+        )
 
     yield chunk(p.ChatChunkChoice(delta=p.Delta(role="assistant", content="")))
     async for event in engine.stream(ids, params):
         count += len(event.tokens)
-        logprobs = p.ChoiceLogprobs(content=[_chat_logprob(t) for t in event.tokens]) if params.top_logprobs is not None and event.tokens else None
+        logprobs = (
+            p.ChoiceLogprobs(content=[_chat_logprob(t) for t in event.tokens])
+            if params.top_logprobs is not None and event.tokens
+            else None
+        )
         if event.text or logprobs or event.finish_reason:
-            yield chunk(p.ChatChunkChoice(delta=p.Delta(content=event.text or None), logprobs=logprobs, finish_reason=event.finish_reason))
+            yield chunk(
+                p.ChatChunkChoice(
+                    delta=p.Delta(content=event.text or None), logprobs=logprobs, finish_reason=event.finish_reason
+                )
+            )
     if include_usage:
         yield chunk(None, p.Usage(prompt_tokens=len(ids), completion_tokens=count, total_tokens=len(ids) + count))
 
 
-async def _completion_chunks(engine: Engine, ids: list[int], params: SamplingParams, prompt: str) -> AsyncIterator[dict[str, Any]]:
+async def _completion_chunks(
+    engine: Engine, ids: list[int], params: SamplingParams, prompt: str
+) -> AsyncIterator[dict[str, Any]]:
     chunk_id, created = p.new_id("cmpl"), int(time.time())
     offset = 0
     async for event in engine.stream(ids, params):
         positions = list(event.prompt) + list(event.tokens)
         text = (prompt if event.prompt else "") + event.text
-        logprobs = _completion_logprobs(positions, params.top_logprobs, offset) if params.top_logprobs is not None else None
-        offset += sum(_char_len(t.token.raw) for t in positions)
+        logprobs = (
+            _completion_logprobs(positions, params.top_logprobs, offset) if params.top_logprobs is not None else None
+        )
+        offset += sum(char_len(t.token.raw) for t in positions)
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=event.finish_reason)
         yield p.dump(p.CompletionResponse(id=chunk_id, created=created, model=engine.name, choices=[choice]))

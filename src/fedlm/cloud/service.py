@@ -42,3 +42,12 @@ def background_service(engine: Engine, api_key: str | None = None, startup_timeo
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def embedded_service(model: str, api_key: str | None = None, quiet: bool = False) -> Iterator[str]:
+    """Load `model`, serve it on a free loopback port for the block, and yield the base URL."""
+    from fedlm.models import load  # loading pulls in torch and transformers: only when a service is wanted
+
+    with background_service(Engine(load(model, quiet=quiet)), api_key) as url:
+        yield url

@@ -48,7 +48,13 @@ def ensure_converted(model: BuiltinModel, quiet: bool = False) -> Path:
 
 def _convert(model: BuiltinModel, scratch: Path, out: Path, quiet: bool) -> None:
     steps = ["locate GGUF", "convert tokenizer", "dequantize weights", "write safetensors"]
-    columns = (SpinnerColumn(), TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
+    columns = (
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+    )
     with Progress(*columns, disable=quiet, transient=False) as progress:
         task = progress.add_task(f"{model.name}: {steps[0]}", total=len(steps))
         gguf = model.gguf_path(scratch)

@@ -34,7 +34,9 @@ def resolve(name_or_path: str, quiet: bool = False) -> Path:
         return path
     known = ", ".join(sorted(BUILTIN))
     hint = "that folder has no config.json" if path.is_dir() else "no such built-in name or folder"
-    raise UnknownModelError(f"unknown model {name_or_path!r} ({hint}). Built-in names: {known}; or pass a local HF model folder.")
+    raise UnknownModelError(
+        f"unknown model {name_or_path!r} ({hint}). Built-in names: {known}; or pass a local HF model folder."
+    )
 
 
 def load(name_or_path: str, quiet: bool = False, dtype: torch.dtype = torch.float32) -> LoadedModel:

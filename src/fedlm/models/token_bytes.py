@@ -19,7 +19,9 @@ _BYTE_PIECE = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 @cache
 def _byte_level_alphabet() -> dict[str, int]:
     """The byte-level BPE alphabet: each byte is shown as one printable character; this inverts that map."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars = printable[:]
     extra = 0
     for b in range(256):
@@ -39,7 +41,11 @@ def token_bytes_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
     """Bytes per token id; special tokens (BOS, EOS, chat markers) contribute no text, so they map to b""."""
     steps = _decoder_steps(tokenizer)
     kinds = {step.get("type") for step in steps}
-    replaces = [(step["pattern"]["String"], step["content"]) for step in steps if step.get("type") == "Replace" and "String" in step.get("pattern", {})]
+    replaces = [
+        (step["pattern"]["String"], step["content"])
+        for step in steps
+        if step.get("type") == "Replace" and "String" in step.get("pattern", {})
+    ]
     alphabet = _byte_level_alphabet() if "ByteLevel" in kinds else None
     special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
@@ -56,6 +62,11 @@ def token_bytes_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
                 piece = piece.replace(pattern, content)
             table.append(piece.encode())
     return table
+
+
+def char_len(raw: bytes) -> int:
+    """Characters a token's bytes add to text: each byte that is not a UTF-8 continuation byte starts one."""
+    return sum(1 for b in raw if b & 0xC0 != 0x80)
 
 
 def token_text(raw: bytes) -> str:

@@ -1,0 +1,1 @@
+"""Evaluation and benchmarks: accuracy, bits per byte, speed, bytes on the wire."""

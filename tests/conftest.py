@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random models served over real loopback HTTP, and the real default models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fedlm.cloud.engine import Engine
+from fedlm.cloud.service import background_service
+from fedlm.models import LoadedModel
+from fedlm.models.tiny import save_tiny, tiny_loaded
+
+
+@pytest.fixture(scope="session")
+def tiny_llama() -> LoadedModel:
+    return tiny_loaded("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma() -> LoadedModel:
+    return tiny_loaded("gemma3", seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(tiny_llama: LoadedModel) -> Engine:
+    return Engine(tiny_llama, max_batch=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_url(tiny_engine: Engine) -> Iterator[str]:
+    with background_service(tiny_engine) as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
