@@ -27,7 +27,9 @@ def test_models_and_health(http: httpx.Client, tiny_url: str) -> None:
 
 def test_completion_echo_returns_prompt_logprobs_with_offsets(http: httpx.Client) -> None:
     prompt = "The capital of France is Paris."
-    body = http.post("/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    body = http.post(
+        "/completions", json={"model": MODEL, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}
+    ).json()
     choice = body["choices"][0]
     assert choice["text"] == prompt
     lp = choice["logprobs"]
@@ -38,7 +40,9 @@ def test_completion_echo_returns_prompt_logprobs_with_offsets(http: httpx.Client
 
 
 def test_completion_generates_and_counts_usage(http: httpx.Client) -> None:
-    body = http.post("/completions", json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0}).json()
+    body = http.post(
+        "/completions", json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0}
+    ).json()
     assert body["object"] == "text_completion"
     assert body["usage"]["completion_tokens"] == 5 and body["choices"][0]["finish_reason"] == "length"
 
@@ -46,7 +50,14 @@ def test_completion_generates_and_counts_usage(http: httpx.Client) -> None:
 def test_chat_logprobs_carry_bytes_and_top_candidates(http: httpx.Client) -> None:
     body = http.post(
         "/chat/completions",
-        json={"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0, "logprobs": True, "top_logprobs": 20},
+        json={
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Hi"}],
+            "max_tokens": 6,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+        },
     ).json()
     content = body["choices"][0]["logprobs"]["content"]
     assert len(content) == body["usage"]["completion_tokens"] == 6
@@ -54,11 +65,20 @@ def test_chat_logprobs_carry_bytes_and_top_candidates(http: httpx.Client) -> Non
         assert bytes(item["bytes"]).decode("utf-8", errors="replace")
         assert len(item["top_logprobs"]) == 20
         assert item["top_logprobs"][0]["logprob"] >= item["logprob"] - 1e-6  # greedy: the chosen token is the best
-    assert body["choices"][0]["message"]["content"] == bytes(b for item in content for b in item["bytes"]).decode(errors="replace")
+    assert body["choices"][0]["message"]["content"] == bytes(b for item in content for b in item["bytes"]).decode(
+        errors="replace"
+    )
 
 
 def test_chat_stream_is_server_sent_events(http: httpx.Client) -> None:
-    request = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    request = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "Hi"}],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with http.stream("POST", "/chat/completions", json=request) as response:
         assert response.headers["content-type"].startswith("text/event-stream")
         lines = [line for line in response.iter_lines() if line]
@@ -73,7 +93,10 @@ def test_chat_stream_is_server_sent_events(http: httpx.Client) -> None:
 @pytest.mark.parametrize(
     ("body", "param"),
     [
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, None),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temprature": 0.5}, "temprature"),
         ({"model": MODEL, "messages": []}, "messages"),
@@ -102,7 +125,10 @@ def test_unknown_model_is_404_and_malformed_json_is_400(http: httpx.Client) -> N
 def test_api_key_is_enforced(tiny_engine: Engine) -> None:
     with background_service(tiny_engine, api_key="sekret") as url:
         assert httpx.get(url + "/models").status_code == 401
-        assert httpx.get(url + "/models", headers={"Authorization": "Bearer wrong"}).json()["error"]["code"] == "invalid_api_key"
+        assert (
+            httpx.get(url + "/models", headers={"Authorization": "Bearer wrong"}).json()["error"]["code"]
+            == "invalid_api_key"
+        )
         assert httpx.get(url + "/models", headers={"Authorization": "Bearer sekret"}).status_code == 200
 
 
@@ -111,7 +137,10 @@ def test_concurrent_requests_get_the_same_answers_as_sequential(tiny_gemma: Load
     prompts = ["The capital", "Once upon a time", "def add(a, b):", "Question: What is"]
 
     async def ask(client: httpx.AsyncClient, prompt: str) -> dict:
-        reply = await client.post("/completions", json={"model": "tiny-gemma3", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1})
+        reply = await client.post(
+            "/completions",
+            json={"model": "tiny-gemma3", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1},
+        )
         return reply.json()["choices"][0]
 
     async def run(url: str, concurrent: bool) -> list[dict]:

@@ -23,4 +23,4 @@ def test_special_tokens_contribute_no_bytes() -> None:
 
 def test_partial_utf8_is_shown_as_bytes() -> None:
     assert token_text("é".encode()[:1]) == "bytes:\\xc3"
-    assert token_text(" Paris".encode()) == " Paris"
+    assert token_text(b" Paris") == " Paris"

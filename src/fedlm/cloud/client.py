@@ -116,8 +116,7 @@ def scored_from_echo(response: dict[str, Any], text: str, boundary: int) -> Scor
             "the server returned no prompt logprobs for echo=true; it cannot score text (see `fedlm cloud probe`)"
         )
     ends = [*offsets[1:], len(text)]
-    kept = [ScoredToken(t, v, s, e) for t, v, s, e in zip(tokens, values, offsets, ends, strict=True) if s < len(text)]
-    return Scored(tuple(kept), boundary)
+    return Scored(tuple(ScoredToken(*token) for token in zip(tokens, values, offsets, ends, strict=True)), boundary)
 
 
 class _Base:

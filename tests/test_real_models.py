@@ -1,0 +1,112 @@
+"""End to end on the real default models: converted from the PyPI GGUF packages, served over loopback HTTP.
+
+The first run converts both models into the cache (about 2 minutes on 2 cores); later runs reload in seconds.
+"""
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from fedlm.bench.scorers import CloudScorer, LocalScorer
+from fedlm.cli import app
+from fedlm.cloud.client import CloudClient
+from fedlm.cloud.engine import Engine, SamplingParams
+from fedlm.cloud.service import background_service
+from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, LoadedModel, load
+from fedlm.models.token_bytes import token_bytes_table
+
+pytestmark = pytest.mark.real
+EXAMPLES = Path(__file__).parent.parent / "examples"
+
+
+@pytest.fixture(scope="module")
+def edge() -> LoadedModel:
+    return load(EDGE_DEFAULT, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def cloud() -> LoadedModel:
+    return load(CLOUD_DEFAULT, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def cloud_url(cloud: LoadedModel) -> Iterator[str]:
+    with background_service(Engine(cloud)) as url:
+        yield url
+
+
+@pytest.mark.parametrize("which", ["edge", "cloud"])
+def test_real_tokenizers_round_trip_through_token_bytes(which: str, request: pytest.FixtureRequest) -> None:
+    tokenizer = request.getfixturevalue(which).tokenizer
+    table = token_bytes_table(tokenizer)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.text(max_size=40))
+    def check(text: str) -> None:
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        assume(tokenizer.decode(ids, skip_special_tokens=True) == text)  # rare characters can be lossy in the vocab
+        assert b"".join(table[i] for i in ids) == text.encode()
+
+    check()
+
+
+def test_edge_answers_a_factual_question(edge: LoadedModel) -> None:
+    engine = Engine(edge)
+    ids = engine.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    result = asyncio.run(engine.complete(ids, SamplingParams(max_tokens=24, temperature=0)))
+    assert "Paris" in result.text
+
+
+def test_cloud_answers_over_http(cloud_url: str) -> None:
+    with CloudClient(cloud_url) as client:
+        reply = client.chat(
+            [{"role": "user", "content": "What is the capital of France?"}],
+            max_tokens=16,
+            temperature=0,
+            logprobs=True,
+            top_logprobs=5,
+        )
+        assert "Paris" in reply["choices"][0]["message"]["content"]
+        assert len(reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]) == 5
+        assert client.probe().echo
+
+
+def test_http_scoring_matches_in_process_on_both_models(edge: LoadedModel, cloud: LoadedModel, cloud_url: str) -> None:
+    pairs = [
+        ("The capital of France is", " Paris."),
+        ("Question: What is 7 times 8?\nAnswer:", " 7 * 8 = 56. The answer is 56."),
+    ]
+    assert CloudScorer(cloud_url).score(pairs) == pytest.approx(LocalScorer(cloud).score(pairs), abs=1e-3)
+    with background_service(Engine(edge)) as edge_url:
+        assert CloudScorer(edge_url).score(pairs) == pytest.approx(LocalScorer(edge).score(pairs), abs=1e-3)
+
+
+def test_eval_on_examples_reflects_model_quality(cloud_url: str) -> None:
+    runner = CliRunner()
+    results = {}
+    for task in ("mcq", "bpb"):
+        for mode in ("edge", "cloud"):
+            args = [
+                "eval",
+                "--task",
+                task,
+                "--data",
+                str(EXAMPLES / f"{task}.jsonl"),
+                "--mode",
+                mode,
+                "--cloud",
+                cloud_url,
+                "--json",
+            ]
+            out = runner.invoke(app, args)
+            assert out.exit_code == 0, out.output
+            results[task, mode] = json.loads(out.stdout)
+    for mode in ("edge", "cloud"):
+        assert results["mcq", mode]["accuracy"] >= 0.5  # four choices: chance is 0.25
+        assert 0.2 < results["bpb", mode]["bits_per_byte"] < 2.0  # real LMs on plain English
