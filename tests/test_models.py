@@ -10,9 +10,7 @@ from fedlm.models.registry import BuiltinModel
 
 
 def test_unknown_name_lists_the_known_ones() -> None:
-    with pytest.raises(
-        UnknownModelError, match=r"Built-in names: gemma3-270m, smollm2-135m-instruct"
-    ):
+    with pytest.raises(UnknownModelError, match=r"Built-in names: gemma3-270m, smollm2-135m-instruct"):
         resolve("no-such-model")
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,7 +13,35 @@ from rich.table import Table
 
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
 
+if TYPE_CHECKING:
+    from fedlm.cloud.engine import Engine, SamplingParams
+
 QUESTION = "What is the capital of France?"
+
+
+class _Timer:
+    """Time to first piece of text, and decode speed after it, for a stream of (text, tokens) pieces."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.first: float | None = None
+        self.end = self.start
+        self.tokens = 0
+        self.text = ""
+
+    def watch(self, pieces: Iterable[tuple[str, int]]) -> Iterator[str]:
+        for text, tokens in pieces:
+            if tokens and self.first is None:
+                self.first = time.perf_counter()
+            self.tokens += tokens
+            self.text += text
+            self.end = time.perf_counter()
+            yield text
+
+    def row(self) -> tuple[str, str, str]:
+        first = self.first or self.end
+        decode = (self.tokens - 1) / (self.end - first) if self.tokens > 1 and self.end > first else 0.0
+        return str(self.tokens), f"{(first - self.start) * 1000:.0f}", f"{decode:.1f}"
 
 
 def demo_command(
@@ -28,28 +58,49 @@ def demo_command(
 
     console = Console()
     messages = [{"role": "user", "content": question}]
-    rows = []
+    table = Table(title=f"fedlm demo: {question!r}")
+    for column in ("model", "path", "load", "tokens", "first token ms", "decode tokens/s"):
+        table.add_column(column)
     for name, where in ((EDGE_DEFAULT, "edge, in process"), (CLOUD_DEFAULT, "cloud, over HTTP")):
         was_cached = (cached_model_dir(BUILTIN[name]) / COMPLETE_MARKER).exists()
         loaded = load(name)
         engine = Engine(loaded)
-        start = time.perf_counter()
+        console.print(f"[bold]{name}[/] ({where}): ", end="")
+        timer = _Timer()
         if name == EDGE_DEFAULT:
             params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=engine.chat_stop)
-            result = asyncio.run(engine.complete(engine.encode_chat(messages), params))
-            answer, tokens = result.text, len(result.tokens)
+            for text in timer.watch(_edge_pieces(engine, engine.encode_chat(messages), params)):
+                console.print(text, end="", markup=False, highlight=False)
         else:
             with background_service(engine) as url, CloudClient(url) as client:
-                start = time.perf_counter()
-                reply = client.chat(messages, max_tokens=max_tokens, temperature=0)
-                answer, tokens = reply["choices"][0]["message"]["content"], reply["usage"]["completion_tokens"]
-        seconds = time.perf_counter() - start
-        console.print(f"[bold]{name}[/] ({where}): {answer.strip()}")
-        load_kind = "cached" if was_cached else "converted"
-        rows.append((name, where, f"{loaded.load_seconds:.1f} s ({load_kind})", str(tokens), f"{tokens / seconds:.1f}"))
-    table = Table(title=f"fedlm demo: {question!r}")
-    for column in ("model", "path", "load", "tokens", "tokens/s"):
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
+                timer = _Timer()
+                chunks = client.stream_chat(messages, max_tokens=max_tokens, temperature=0, logprobs=True)
+                for text in timer.watch(_cloud_pieces(chunks)):
+                    console.print(text, end="", markup=False, highlight=False)
+        console.print()
+        load_kind = "cached" if was_cached else "converted now"
+        table.add_row(name, where, f"{loaded.load_seconds:.1f} s ({load_kind})", *timer.row())
     console.print(table)
+
+
+def _edge_pieces(engine: Engine, ids: list[int], params: SamplingParams) -> Iterator[tuple[str, int]]:
+    """Drive the in-process engine's async stream from synchronous code, one event at a time."""
+    loop = asyncio.new_event_loop()
+    stream = engine.stream(ids, params)
+    try:
+        while True:
+            try:
+                event = loop.run_until_complete(stream.__anext__())
+            except StopAsyncIteration:
+                return
+            yield event.text, len(event.tokens)
+    finally:
+        loop.run_until_complete(stream.aclose())
+        loop.close()
+
+
+def _cloud_pieces(chunks: Iterable[dict]) -> Iterator[tuple[str, int]]:
+    for chunk in chunks:
+        for choice in chunk.get("choices", []):
+            content = (choice.get("logprobs") or {}).get("content") or []
+            yield choice["delta"].get("content") or "", len(content)

@@ -1,9 +1,9 @@
 """A batching inference engine over any HF causal LM: generation and prompt scoring with log-probabilities.
 
-One worker thread owns the model. Requests that arrive while it is busy wait in a queue; at each batch start the
-worker takes up to `max_batch` of them, left-pads them into one batch and decodes them together, step by step,
-sharing each forward pass. On a CPU a forward pass over four rows costs little more than over one, so concurrent
-clients get most of their throughput back. Scoring (`echo`) is the batch's prefill, so it needs no extra pass.
+One worker thread owns the model and decodes every running request together, one token per forward pass
+(continuous batching): a new request is prefilled and joins the batch at the next step, and a finished one leaves
+it, so nobody waits for a whole batch to drain. On a CPU a forward pass over four rows costs far less than four
+passes over one, so concurrent clients share the model's throughput. Scoring (`echo`) is read off the prefill.
 
 Reported log-probabilities are those of the model's own next-token distribution (log-softmax of the raw logits),
 whatever temperature the request samples with: callers that fuse or score need the model's belief, not the
@@ -341,11 +341,7 @@ class _RowState:
             return self._finish("stop")
         self.pending.append(self.engine.position(token_id, logprobs, self.params.top_logprobs or 0))
         self.raw += self.engine.token_bytes[token_id]
-        text = (
-            self.raw.decode("utf-8", errors="ignore")
-            if _complete_utf8(self.raw)
-            else self.raw[: _last_boundary(self.raw)].decode("utf-8", errors="ignore")
-        )
+        text = self.raw[: _last_boundary(self.raw)].decode("utf-8", errors="ignore")  # hold back a partial character
         for stop in self.params.stop:
             at = text.find(stop, max(0, self.sent_chars - len(stop)))
             if at != -1:
@@ -380,7 +376,3 @@ def _last_boundary(raw: bytes) -> int:
             need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
             return len(raw) if back >= need else len(raw) - back
     return len(raw)
-
-
-def _complete_utf8(raw: bytes) -> bool:
-    return _last_boundary(raw) == len(raw)

