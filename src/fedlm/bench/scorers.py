@@ -15,8 +15,11 @@ from typing import Protocol
 import torch
 
 from fedlm.cloud.client import AsyncCloudClient
+from fedlm.fusion.cloud_view import next_token_views
+from fedlm.fusion.rules import Experts, FusionRule
+from fedlm.fusion.vocab import CloudCandidate, VocabAligner
 from fedlm.models import LoadedModel
-from fedlm.models.token_bytes import char_len, token_bytes_table
+from fedlm.models.token_bytes import token_bytes_table, token_starts
 
 Pair = tuple[str, str]  # (context, target)
 
@@ -36,20 +39,22 @@ class LocalScorer:
         self.name = loaded.name
         self.model, self.tokenizer = loaded.model, loaded.tokenizer
         self.token_bytes = token_bytes_table(self.tokenizer)
+        self.names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.token_bytes))))
 
     @torch.no_grad()
-    def logprob(self, context: str, target: str) -> float:
-        ids = self.tokenizer(context + target, add_special_tokens=True)["input_ids"]
+    def target_positions(self, context: str, target: str) -> list[tuple[int, int, torch.Tensor]]:
+        """(token id, start offset, distribution it was drawn from) for each token that carries target text."""
+        text = context + target
+        ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         logprobs = self.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
-        boundary, start, total = len(context), 0, 0.0
-        for i, token_id in enumerate(ids):
-            end = start + char_len(self.token_bytes[token_id])
-            if end > boundary:
-                if i == 0:
-                    raise ValueError("the target starts at the first token, which has no logprob: give it some context")
-                total += float(logprobs[i - 1, token_id])
-            start = end
-        return total
+        starts, end = token_starts(((self.token_bytes[i], self.names[i]) for i in ids), text)
+        ends = [*starts[1:], end]
+        if ends[0] > len(context):
+            raise ValueError("the target starts at the first token, which has no logprob: give it some context")
+        return [(ids[i], starts[i], logprobs[i - 1]) for i in range(1, len(ids)) if ends[i] > len(context)]
+
+    def logprob(self, context: str, target: str) -> float:
+        return sum(float(before[token_id]) for token_id, _, before in self.target_positions(context, target))
 
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
         out = []
@@ -76,6 +81,22 @@ class CloudScorer:
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
         return asyncio.run(self._score(pairs, progress))
 
+    def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[dict[int, list[CloudCandidate]]]:
+        """The cloud's top-k candidates at each of its token starts in `context + target`, per pair."""
+        return asyncio.run(self._views(pairs, top_logprobs))
+
+    async def _views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[dict[int, list[CloudCandidate]]]:
+        gate = asyncio.Semaphore(self.concurrency)
+        async with AsyncCloudClient(self.base_url, self.api_key, self.model) as client:
+            self.name = await client.resolve_model()
+
+            async def one(text: str) -> dict[int, list[CloudCandidate]]:
+                async with gate:
+                    reply = await client.complete(text, max_tokens=0, echo=True, logprobs=top_logprobs, temperature=0)
+                return next_token_views(reply)
+
+            return list(await asyncio.gather(*(one(c + t) for c, t in pairs)))
+
     async def _score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None) -> list[float]:
         gate = asyncio.Semaphore(self.concurrency)
         async with AsyncCloudClient(self.base_url, self.api_key, self.model) as client:
@@ -89,3 +110,46 @@ class CloudScorer:
                 return scored.target_logprob
 
             return list(await asyncio.gather(*(one(c, t) for c, t in pairs)))
+
+
+class FusedScorer:
+    """Scores with the fused distribution: the edge in process, the cloud through its HTTP API.
+
+    The target is read in the edge's tokens. At each target token whose start is also where a cloud token starts
+    (a shared text boundary) the fused distribution gives its probability; elsewhere the edge's does. Each factor
+    is a proper distribution over the edge's next token, so the sum is the code length of the target under the
+    fused model, and bits per byte stay comparable with edge-only and cloud-only scores.
+    """
+
+    def __init__(
+        self,
+        edge: LoadedModel,
+        rule: FusionRule,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        concurrency: int = 4,
+        top_logprobs: int = 20,
+    ) -> None:
+        self.edge = LocalScorer(edge)
+        self.rule, self.cloud = rule, CloudScorer(base_url, api_key, model, concurrency)
+        self.aligner = VocabAligner(edge.tokenizer, [edge.tokenizer.eos_token_id])
+        self.top_logprobs = top_logprobs
+        self.name = f"{edge.name}+cloud/{rule.name}"
+        self.fused_tokens = self.target_tokens = 0
+
+    def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
+        views = self.cloud.views(pairs, self.top_logprobs)
+        out = []
+        for (context, target), view in zip(pairs, views, strict=True):
+            total = 0.0
+            for token_id, start, before in self.edge.target_positions(context, target):
+                self.target_tokens += 1
+                if start in view:
+                    self.fused_tokens += 1
+                    before = self.rule.fuse(Experts(before, self.aligner.project(view[start], before)))
+                total += float(before[token_id])
+            out.append(total)
+            if progress:
+                progress(1)
+        return out

@@ -22,6 +22,7 @@ class Task(StrEnum):
 class Mode(StrEnum):
     edge = "edge"
     cloud = "cloud"
+    fused = "fused"
 
 
 def eval_command(
@@ -30,20 +31,29 @@ def eval_command(
     ),
     data: Path = typer.Option(..., "--data", help="JSONL rows: mcq {question, choices, answer}; bpb {prompt, target}."),
     mode: Mode = typer.Option(
-        Mode.edge, "--mode", help="edge: the edge model in process; cloud: the cloud model through its HTTP API."
+        Mode.edge,
+        "--mode",
+        help="edge: the edge model in process; cloud: the cloud model through its HTTP API; fused: both, fused.",
     ),
     edge: str = Edge,
     cloud: str = Cloud,
     cloud_model: str | None = CloudModel,
+    fusion: str = typer.Option("router", "--fusion", help="Fusion rule for --mode fused: router|linear|proxy|route."),
     api_key: str | None = ApiKey,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N rows."),
     as_json: bool = Json,
 ) -> None:
     """Score a JSONL file with the edge model or the cloud model."""
     from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq
-    from fedlm.bench.scorers import CloudScorer, LocalScorer
+    from fedlm.bench.scorers import CloudScorer, FusedScorer, LocalScorer
     from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
+    from fedlm.fusion.rules import make_rule
     from fedlm.models import UnknownModelError, load
+
+    try:
+        rule = make_rule(fusion)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--fusion") from err
 
     try:
         rows = read_rows(data, McqRow if task is Task.mcq else BpbRow, limit)
@@ -70,8 +80,13 @@ def eval_command(
                 result = run(rows, scorer, advance)
             else:
                 with cloud_url(cloud, cloud_model, quiet=as_json) as (url, model):
-                    scorer = CloudScorer(url, api_key_or_env(api_key), model)
+                    if mode is Mode.cloud:
+                        scorer = CloudScorer(url, api_key_or_env(api_key), model)
+                    else:
+                        scorer = FusedScorer(load(edge, quiet=as_json), rule, url, api_key_or_env(api_key), model)
                     result = run(rows, scorer, advance)
+                if mode is Mode.fused:
+                    result["fused_token_share"] = round(scorer.fused_tokens / max(scorer.target_tokens, 1), 4)
     except UnknownModelError as err:
         raise typer.BadParameter(str(err), param_hint="--edge/--cloud-model") from err
     report = {"task": task.value, "mode": mode.value, "model": scorer.name, "data": str(data), **result}

@@ -24,7 +24,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from fedlm.cloud import batch_cache
 from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_prompt_ids, chat_stops
-from fedlm.models.token_bytes import token_bytes_table, token_text
+from fedlm.models.token_bytes import complete_prefix_len, token_bytes_table, token_text
 
 
 class ContextLengthError(ValueError):
@@ -341,7 +341,7 @@ class _RowState:
             return self._finish("stop")
         self.pending.append(self.engine.position(token_id, logprobs, self.params.top_logprobs or 0))
         self.raw += self.engine.token_bytes[token_id]
-        text = self.raw[: _last_boundary(self.raw)].decode("utf-8", errors="ignore")  # hold back a partial character
+        text = self.raw[: complete_prefix_len(self.raw)].decode("utf-8", errors="ignore")  # hold back partial chars
         for stop in self.params.stop:
             at = text.find(stop, max(0, self.sent_chars - len(stop)))
             if at != -1:
@@ -366,13 +366,3 @@ class _RowState:
         self.request.emit(StreamEvent(tokens=tuple(self.pending), finish_reason=reason))
         self.pending = []
         return self.engine.pad_id
-
-
-def _last_boundary(raw: bytes) -> int:
-    """Length of the longest prefix of `raw` that ends on a UTF-8 character boundary."""
-    for back in range(1, min(4, len(raw)) + 1):
-        byte = raw[-back]
-        if byte & 0xC0 != 0x80:  # a lead byte or ASCII: is its character complete?
-            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
-            return len(raw) if back >= need else len(raw) - back
-    return len(raw)

@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.engine import Completion, ContextLengthError, Engine, SamplingParams, TokenLogprob
-from fedlm.models.token_bytes import char_len
+from fedlm.models.token_bytes import token_starts
 
 DEFAULT_CHAT_MAX_TOKENS = 256
 
@@ -112,9 +112,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
             return _sse(_completion_chunks(engine, ids, params, body.prompt))
         result = await engine.complete(ids, params)
         text = (body.prompt if body.echo else "") + result.text
-        logprobs = (
-            _completion_logprobs(result.prompt + result.tokens, body.logprobs) if body.logprobs is not None else None
-        )
+        logprobs = None
+        if body.logprobs is not None:
+            logprobs, _ = _completion_logprobs(result.prompt + result.tokens, body.logprobs, text)
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
         return p.dump(p.CompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
@@ -155,21 +155,24 @@ def _usage(result: Completion) -> p.Usage:
     )
 
 
-def _completion_logprobs(positions: list[TokenLogprob], k: int, start_offset: int = 0) -> p.CompletionLogprobs:
-    """Legacy logprobs. `text_offset` counts characters: each byte that is not a UTF-8 continuation byte starts one."""
-    offsets, at = [], start_offset
-    for position in positions:
-        offsets.append(at)
-        at += char_len(position.token.raw)
-    return p.CompletionLogprobs(
-        tokens=[t.token.text for t in positions],
-        token_logprobs=[
-            None if t.token.logprob != t.token.logprob else t.token.logprob for t in positions
-        ],  # NaN: unscored
-        top_logprobs=[
-            None if t.token.logprob != t.token.logprob else {c.text: c.logprob for c in t.top[:k]} for t in positions
-        ],
-        text_offset=offsets,
+def _completion_logprobs(
+    positions: list[TokenLogprob], k: int, text: str, start_offset: int = 0
+) -> tuple[p.CompletionLogprobs, int]:
+    """Legacy logprobs, with `text_offset` as character offsets into the returned text; also where they end."""
+    offsets, end = token_starts(((t.token.raw, t.token.text) for t in positions), text, start_offset)
+    return (
+        p.CompletionLogprobs(
+            tokens=[t.token.text for t in positions],
+            token_logprobs=[
+                None if t.token.logprob != t.token.logprob else t.token.logprob for t in positions
+            ],  # NaN: unscored
+            top_logprobs=[
+                None if t.token.logprob != t.token.logprob else {c.text: c.logprob for c in t.top[:k]}
+                for t in positions
+            ],
+            text_offset=offsets,
+        ),
+        end,
     )
 
 
@@ -222,13 +225,13 @@ async def _completion_chunks(
     engine: Engine, ids: list[int], params: SamplingParams, prompt: str
 ) -> AsyncIterator[dict[str, Any]]:
     chunk_id, created = p.new_id("cmpl"), int(time.time())
-    offset = 0
+    emitted, offset = "", 0
     async for event in engine.stream(ids, params):
         positions = list(event.prompt) + list(event.tokens)
         text = (prompt if event.prompt else "") + event.text
-        logprobs = (
-            _completion_logprobs(positions, params.top_logprobs, offset) if params.top_logprobs is not None else None
-        )
-        offset += sum(char_len(t.token.raw) for t in positions)
+        emitted += text
+        logprobs = None
+        if params.top_logprobs is not None:
+            logprobs, offset = _completion_logprobs(positions, params.top_logprobs, emitted, offset)
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=event.finish_reason)
         yield p.dump(p.CompletionResponse(id=chunk_id, created=created, model=engine.name, choices=[choice]))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable
 from functools import cache
 
 from transformers import PreTrainedTokenizerBase
@@ -69,9 +70,36 @@ def char_len(raw: bytes) -> int:
     return sum(1 for b in raw if b & 0xC0 != 0x80)
 
 
+def token_starts(pieces: Iterable[tuple[bytes, str]], text: str = "", start: int = 0) -> tuple[list[int], int]:
+    """Where each token starts in `text` (character offsets), and where the last one ends.
+
+    `pieces` are (bytes, name) per token. A token advances by the characters its bytes start. A special token has
+    no bytes: it advances by its name only where `text` spells that name out (a chat marker written in a prompt),
+    and by nothing where the tokenizer added it on its own (a BOS).
+    """
+    starts, at = [], start
+    for raw, name in pieces:
+        starts.append(at)
+        if raw:
+            at += char_len(raw)
+        elif name and text.startswith(name, at):
+            at += len(name)
+    return starts, at
+
+
 def token_text(raw: bytes) -> str:
     """A token's display string; a partial UTF-8 sequence is shown as `bytes:\\xNN` as OpenAI's API does."""
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+
+
+def complete_prefix_len(raw: bytes) -> int:
+    """Length of the longest prefix of `raw` that ends on a UTF-8 character boundary."""
+    for back in range(1, min(4, len(raw)) + 1):
+        byte = raw[-back]
+        if byte & 0xC0 != 0x80:  # a lead byte or ASCII: is its character complete?
+            need = 1 if byte < 0x80 else 2 if byte >> 5 == 0b110 else 3 if byte >> 4 == 0b1110 else 4
+            return len(raw) if back >= need else len(raw) - back
+    return len(raw)

@@ -1,0 +1,198 @@
+"""Edge and cloud decoding together, token by token, under a real-time deadline.
+
+Each round the edge drafts `lookahead` tokens greedily. One cloud request scores the whole draft: the prompt is
+the cloud's own prefix, the answer so far and the draft, sent with `echo` and top-k logprobs, so the cloud returns
+its next-token candidates at every position of its own tokenization. Wherever a cloud token starts exactly where an
+edge token starts (a shared text boundary) the two beliefs are fused; elsewhere the edge token stands. The first
+draft token that fusion overturns is replaced, the rest of the draft is rolled back, and the next round starts
+there. One round trip thus serves up to `lookahead` tokens, which is what hides the network.
+
+The cloud gets `deadline_ms` per round. A late or failed answer never stalls generation: the drafted edge tokens
+stand and count as fallbacks; a cloud that errors is dropped for the rest of the generation with a warning.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from fedlm.cloud.client import AsyncCloudClient, CloudError
+from fedlm.fusion.cloud_view import next_token_views
+from fedlm.fusion.edge import EdgeDecoder
+from fedlm.fusion.rules import EdgeOnly, Experts, FusionRule, TokenRouting
+from fedlm.fusion.vocab import CloudCandidate, VocabAligner
+from fedlm.models import LoadedModel
+from fedlm.models.chat import chat_prompt_ids, chat_stops
+from fedlm.models.token_bytes import char_len, token_bytes_table, token_text
+
+log = logging.getLogger(__name__)
+Source = Literal["edge", "cloud", "fused"]
+PLAIN_CLOUD_PREFIX = "User: {prompt}\nAssistant:"
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    max_tokens: int = 128
+    lookahead: int = 1
+    deadline_ms: float = 2000.0
+    top_logprobs: int = 20
+    simulate_rtt_ms: float = 0.0  # sleeps (never spins) before each cloud answer is read: a stand-in network
+    cloud_prefix: str = PLAIN_CLOUD_PREFIX  # how the cloud sees the conversation; `{prompt}` is the user's text
+
+
+@dataclass(frozen=True)
+class FusedToken:
+    token_id: int
+    raw: bytes
+    source: Source
+
+    @property
+    def text(self) -> str:
+        return token_text(self.raw)
+
+
+@dataclass
+class FusionResult:
+    tokens: list[FusedToken] = field(default_factory=list)
+    cloud_calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    fallbacks: int = 0  # tokens whose cloud answer came late or not at all
+    ttft_ms: float = 0.0
+    seconds: float = 0.0
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def text(self) -> str:
+        return b"".join(t.raw for t in self.tokens).decode("utf-8", "replace")
+
+    @property
+    def tokens_per_s(self) -> float:
+        return len(self.tokens) / self.seconds if self.seconds > 0 else 0.0
+
+
+class FusedDecoder:
+    """Co-decodes one edge model with one OpenAI-compatible cloud, under a fusion rule."""
+
+    def __init__(
+        self, edge: LoadedModel, rule: FusionRule, cloud: AsyncCloudClient | None, config: FusionConfig = FusionConfig()
+    ) -> None:
+        self.edge, self.rule, self.cloud, self.config = edge, rule, cloud, config
+        self.token_bytes = token_bytes_table(edge.tokenizer)
+        eos = edge.model.generation_config.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
+        if edge.tokenizer.eos_token_id is not None and edge.tokenizer.eos_token_id not in self.eos_ids:
+            self.eos_ids.append(edge.tokenizer.eos_token_id)
+        self.aligner = VocabAligner(edge.tokenizer, self.eos_ids)
+        self.stops = chat_stops(edge.tokenizer)
+
+    async def generate(self, prompt: str) -> FusionResult:
+        result = FusionResult()
+        start = time.perf_counter()
+        decoder = EdgeDecoder(self.edge, chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}]))
+        prompt_len = len(decoder.ids)
+        cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
+        answer = b""
+        cloud = self.cloud if not isinstance(self.rule, EdgeOnly) else None
+        while len(result.tokens) < self.config.max_tokens:
+            drafts = self._draft(decoder, self.config.max_tokens - len(result.tokens))
+            views: dict[int, list[CloudCandidate]] | None = None
+            if cloud is not None and self._wants_cloud(drafts):
+                draft_text = b"".join(self.token_bytes[t] for t, _ in drafts)
+                views, cloud = await self._ask_cloud(cloud, cloud_prefix, answer, draft_text, result, len(drafts))
+            done = False
+            for token_id, before in drafts:
+                at = len(cloud_prefix) + char_len(answer)
+                projection = self.aligner.project(views[at], before) if views and at in views else None
+                choice = int(self.rule.fuse(Experts(before, projection)).argmax())
+                source: Source = "edge" if projection is None else ("fused" if choice == token_id else "cloud")
+                if not result.tokens:
+                    result.ttft_ms = (time.perf_counter() - start) * 1000
+                if choice in self.eos_ids:
+                    done = True
+                    break
+                answer += self.token_bytes[choice]
+                result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
+                if choice != token_id:
+                    decoder.rollback(prompt_len + len(result.tokens) - 1, before)
+                    decoder.append(choice)
+                    break
+                if len(result.tokens) >= self.config.max_tokens:
+                    break
+            if done or self._stopped(answer):
+                break
+            if len(decoder.ids) > prompt_len + len(result.tokens):  # an edge draft ran past what was kept
+                decoder.rollback(prompt_len + len(result.tokens), decoder.next_logprobs)
+        result.seconds = time.perf_counter() - start
+        self._trim_stop(result)
+        return result
+
+    def _draft(self, decoder: EdgeDecoder, budget: int) -> list[tuple[int, torch.Tensor]]:
+        """Greedy edge tokens with the distribution each was drawn from; stops at an end token."""
+        drafts = []
+        for _ in range(min(self.config.lookahead, budget)):
+            before = decoder.next_logprobs
+            token_id = int(before.argmax())
+            drafts.append((token_id, before))
+            if token_id in self.eos_ids:
+                break
+            decoder.append(token_id)
+        return drafts
+
+    def _wants_cloud(self, drafts: list[tuple[int, torch.Tensor]]) -> bool:
+        if isinstance(self.rule, TokenRouting):
+            return any(self.rule.wants_cloud(before) for _, before in drafts)
+        return True
+
+    async def _ask_cloud(
+        self, cloud: AsyncCloudClient, prefix: str, answer: bytes, draft: bytes, result: FusionResult, n_drafts: int
+    ) -> tuple[dict[int, list[CloudCandidate]] | None, AsyncCloudClient | None]:
+        """One scoring request within the deadline; returns the cloud's views and the cloud to keep using."""
+        text = prefix + _valid_text(answer + draft)
+        sent, received = cloud.traffic.bytes_sent, cloud.traffic.bytes_received
+
+        async def call() -> dict:
+            if self.config.simulate_rtt_ms:
+                await asyncio.sleep(self.config.simulate_rtt_ms / 1000)
+            return await cloud.complete(text, max_tokens=0, echo=True, logprobs=self.config.top_logprobs, temperature=0)
+
+        try:
+            response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
+        except TimeoutError:
+            result.fallbacks += n_drafts
+            return None, cloud
+        except CloudError as err:
+            message = f"cloud failed ({err}); finishing on the edge alone"
+            log.warning(message)
+            result.warnings.append(message)
+            result.fallbacks += n_drafts
+            return None, None
+        finally:
+            result.cloud_calls += 1
+            result.bytes_sent += cloud.traffic.bytes_sent - sent
+            result.bytes_received += cloud.traffic.bytes_received - received
+        return next_token_views(response), cloud
+
+    def _stopped(self, answer: bytes) -> bool:
+        text = answer.decode("utf-8", "ignore")
+        return any(stop in text for stop in self.stops)
+
+    def _trim_stop(self, result: FusionResult) -> None:
+        """Drop the tokens of a plain-transcript stop string, so the answer ends where the turn ends."""
+        for stop in self.stops:
+            while result.tokens and stop in result.text:
+                result.tokens.pop()
+
+
+def _valid_text(raw: bytes) -> str:
+    """The longest prefix of `raw` that is text: the cloud is sent text, so bytes past a partial or invalid
+    character stay on the device, and positions past them find no shared boundary."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return raw[: err.start].decode("utf-8")

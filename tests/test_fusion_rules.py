@@ -1,0 +1,72 @@
+"""Fusion rules on small hand-made distributions."""
+
+import math
+
+import pytest
+import torch
+
+from fedlm.fusion.rules import EdgeOnly, Experts, LogLinear, ProxyTuning, Router, TokenRouting, entropy, make_rule
+from fedlm.fusion.vocab import Projection
+
+
+def _dist(*probs: float) -> torch.Tensor:
+    return torch.tensor(probs).log()
+
+
+def _cloud(*probs: float, entropy_nats: float | None = None) -> Projection:
+    lp = _dist(*probs)
+    return Projection(lp, 1.0, entropy(lp) if entropy_nats is None else entropy_nats)
+
+
+EDGE = _dist(0.7, 0.2, 0.1)
+CLOUD = _cloud(0.1, 0.8, 0.1)
+
+
+def test_log_linear_interpolates_in_log_space() -> None:
+    assert torch.allclose(LogLinear(0.0).fuse(Experts(EDGE, CLOUD)), EDGE)
+    assert torch.allclose(LogLinear(1.0).fuse(Experts(EDGE, CLOUD)), CLOUD.logprobs)
+    half = LogLinear(0.5).fuse(Experts(EDGE, CLOUD)).exp()
+    expected = torch.tensor([math.sqrt(0.07), math.sqrt(0.16), math.sqrt(0.01)])
+    assert torch.allclose(half, expected / expected.sum(), atol=1e-6)
+
+
+def test_without_cloud_every_rule_is_the_edge() -> None:
+    for name in ("none", "linear", "router", "proxy", "route"):
+        assert torch.allclose(make_rule(name).fuse(Experts(EDGE)), EDGE)
+    with pytest.raises(ValueError, match="router"):
+        make_rule("magic")
+
+
+def test_router_weights_follow_confidence() -> None:
+    confident_cloud = _cloud(0.01, 0.98, 0.01)
+    weights = Router().weights(Experts(EDGE, confident_cloud))
+    assert weights["cloud"] > weights["edge"] and abs(sum(weights.values()) - 1) < 1e-9
+    h_edge, h_cloud = entropy(EDGE), confident_cloud.entropy
+    assert weights["cloud"] / weights["edge"] == pytest.approx(math.exp(h_edge - h_cloud))
+    mixed = Router().fuse(Experts(EDGE, confident_cloud)).exp()
+    expected = weights["edge"] * EDGE.exp() + weights["cloud"] * confident_cloud.logprobs.exp()
+    assert torch.allclose(mixed, expected, atol=1e-6)
+
+
+def test_router_takes_the_adapted_edge_as_a_third_expert() -> None:
+    adapted = _dist(0.05, 0.05, 0.9)
+    weights = Router().weights(Experts(EDGE, CLOUD, adapted))
+    assert set(weights) == {"edge", "adapted", "cloud"}
+
+
+def test_proxy_tuning_shifts_the_cloud_by_the_adapter() -> None:
+    adapted = _dist(0.35, 0.1, 0.55)  # the adapter halves tokens 0 and 1 relative to the base, boosts token 2
+    fused = ProxyTuning().fuse(Experts(EDGE, CLOUD, adapted)).exp()
+    raw = CLOUD.logprobs.exp() * adapted.exp() / EDGE.exp()
+    assert torch.allclose(fused, raw / raw.sum(), atol=1e-6)
+    assert torch.allclose(ProxyTuning().fuse(Experts(EDGE, CLOUD)), CLOUD.logprobs)
+
+
+def test_token_routing_asks_the_cloud_only_when_the_edge_is_unsure() -> None:
+    rule = TokenRouting(threshold=0.5)
+    assert not rule.wants_cloud(EDGE)  # 0.7 >= 0.5
+    assert torch.allclose(rule.fuse(Experts(EDGE, CLOUD)), EDGE)
+    unsure = _dist(0.4, 0.35, 0.25)
+    assert rule.wants_cloud(unsure)
+    assert torch.allclose(rule.fuse(Experts(unsure, CLOUD)), CLOUD.logprobs)
+    assert torch.allclose(EdgeOnly().fuse(Experts(unsure, CLOUD)), unsure)
