@@ -1,0 +1,1 @@
+"""Federated specialization on Flower: per-device LoRA ranks, heterogeneous-rank aggregation, task clusters, DP."""

@@ -1,0 +1,250 @@
+"""The Flower ServerApp: rounds of heterogeneous-rank LoRA training, aggregated per task cluster.
+
+Each round the strategy sends every node the slice of its cluster's global adapter at the node's own rank and
+target modules (`configure_train`), aggregates the trained adapters per cluster at the largest rank
+(`aggregate_train`), and has every node evaluate its new slice on its held-out data (`configure_evaluate`).
+Flower's built-in strategies keep one global ArrayRecord and cannot average arrays of different shapes, so this
+strategy keeps one global adapter per cluster itself. After every round the state is checkpointed atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from fedlm.federated import checkpoint, lora
+from fedlm.federated.aggregators import Aggregator, ClientUpdate, make_aggregator
+from fedlm.federated.client_app import from_record, to_record
+from fedlm.federated.clustering import choose_clusters, purity, update_similarity
+from fedlm.federated.config import TrainConfig
+from fedlm.federated.local import perplexity
+
+NODE_WAIT_SECONDS = 600.0
+REPLY_TIMEOUT_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    node_id: int
+    partition_id: int
+    budget: str
+    rank: int
+    targets: tuple[str, ...]
+    task: str
+    name: str
+
+
+@dataclass
+class RunState:
+    """Everything a resumed run needs: written whole after each round."""
+
+    fingerprint: dict
+    round: int = 0
+    globals: dict[int, lora.LoraState] = field(default_factory=dict)  # cluster -> adapter at the largest rank
+    cluster_of: dict[int, int] = field(default_factory=dict)  # partition id -> cluster
+    clustered: bool = False
+    personal: dict[int, lora.LoraState] = field(default_factory=dict)  # partition id -> last trained adapter
+    rounds: list[dict] = field(default_factory=list)
+
+
+class HeteroLoraStrategy:
+    """Flower-strategy-shaped: configure_train / aggregate_train / configure_evaluate over one RunState."""
+
+    def __init__(self, config: TrainConfig, aggregator: Aggregator, nodes: list[NodeInfo], state: RunState):
+        self.config, self.aggregator, self.nodes, self.state = config, aggregator, nodes, state
+        self.by_node = {node.node_id: node for node in nodes}
+
+    def slice_for(self, node: NodeInfo) -> lora.LoraState:
+        cluster = self.state.globals[self.state.cluster_of[node.partition_id]]
+        return lora.slice_state(cluster, node.rank, node.targets)
+
+    def _messages(self, message_type: str, server_round: int) -> list[Message]:
+        config = ConfigRecord({**self.config.to_flat(), "server_round": server_round})
+        return [
+            Message(
+                RecordDict({"arrays": to_record(self.slice_for(node)), "config": config}),
+                dst_node_id=node.node_id,
+                message_type=message_type,
+            )
+            for node in self.nodes
+        ]
+
+    def configure_train(self, server_round: int) -> list[Message]:
+        return self._messages("train", server_round)
+
+    def configure_evaluate(self, server_round: int) -> list[Message]:
+        return self._messages("evaluate", server_round)
+
+    def aggregate_train(self, server_round: int, replies: list[Message]) -> dict:
+        """Aggregate per cluster (clustering first, in the round where it is due); return the round's record."""
+        replies = _checked(replies)
+        nodes = [self.by_node[reply.metadata.src_node_id] for reply in replies]
+        trained = [from_record(reply.content["arrays"]) for reply in replies]
+        starts = [self.slice_for(node) for node in nodes]
+        if self.config.cluster == "auto" and not self.state.clustered:
+            labels = choose_clusters(update_similarity(trained, starts), self.config.max_clusters)
+            start = self.state.globals[0]
+            self.state.cluster_of = {node.partition_id: int(label) for node, label in zip(nodes, labels, strict=True)}
+            self.state.globals = {int(label): start for label in set(labels.tolist())}
+            self.state.clustered = True
+        clients = []
+        for cluster in sorted(self.state.globals):
+            members = [i for i, node in enumerate(nodes) if self.state.cluster_of[node.partition_id] == cluster]
+            updates = [ClientUpdate(trained[i], int(replies[i].content["metrics"]["num-examples"])) for i in members]
+            if updates:
+                self.state.globals[cluster] = self.aggregator.aggregate(updates)
+        for node, reply, state, start in zip(nodes, replies, trained, starts, strict=True):
+            self.state.personal[node.partition_id] = state
+            metrics = dict(reply.content["metrics"])
+            clients.append(
+                {
+                    "partition_id": node.partition_id,
+                    "name": node.name,
+                    "task": node.task,
+                    "budget": node.budget,
+                    "rank": node.rank,
+                    "cluster": self.state.cluster_of[node.partition_id],
+                    "bytes_up": lora.nbytes(state),
+                    "bytes_down": lora.nbytes(start),
+                    **{k: float(v) for k, v in metrics.items() if k != "num-examples"},
+                }
+            )
+        clients.sort(key=lambda c: c["partition_id"])
+        tasks = [c["task"] for c in clients]
+        return {
+            "round": server_round,
+            "aggregator": self.aggregator.name,
+            "clients": clients,
+            "bytes_up": sum(c["bytes_up"] for c in clients),
+            "bytes_down": sum(c["bytes_down"] for c in clients),
+            "clusters": {
+                str(k): sorted(p for p, c in self.state.cluster_of.items() if c == k) for k in self.state.globals
+            },
+            "purity": purity([c["cluster"] for c in clients], tasks),
+        }
+
+    def aggregate_evaluate(self, record: dict, replies: list[Message]) -> None:
+        """Add each node's held-out loss of its new cluster slice ("global") to the round's record."""
+        by_pid = {c["partition_id"]: c for c in record["clients"]}
+        for reply in _checked(replies):
+            loss = float(reply.content["metrics"]["loss"])
+            client = by_pid[self.by_node[reply.metadata.src_node_id].partition_id]
+            client["global_loss"], client["global_ppl"] = loss, perplexity(loss)
+
+
+def _checked(replies) -> list[Message]:
+    replies = list(replies)
+    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
+    if errors:
+        raise RuntimeError("client failed: " + "; ".join(errors))
+    return replies
+
+
+def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
+    deadline = time.monotonic() + NODE_WAIT_SECONDS
+    while True:
+        node_ids = sorted(grid.get_node_ids())
+        if len(node_ids) >= count:
+            return node_ids[:count]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(node_ids)} of {count} nodes connected within {NODE_WAIT_SECONDS:.0f} s")
+        time.sleep(1.0)
+
+
+def discover(grid: Grid, config: TrainConfig) -> list[NodeInfo]:
+    """Ask every node for its partition and LoRA plan (the `query` message)."""
+    record = ConfigRecord(config.to_flat())
+    messages = [
+        Message(RecordDict({"config": record}), dst_node_id=node_id, message_type="query")
+        for node_id in _wait_for_nodes(grid, config.clients)
+    ]
+    nodes = []
+    for reply in _checked(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_SECONDS)):
+        info = reply.content["info"]
+        nodes.append(
+            NodeInfo(
+                node_id=reply.metadata.src_node_id,
+                partition_id=int(info["partition_id"]),
+                budget=str(info["budget"]),
+                rank=int(info["rank"]),
+                targets=tuple(str(info["targets"]).split(",")),
+                task=str(info["task"]),
+                name=str(info["name"]),
+            )
+        )
+    return sorted(nodes, key=lambda node: node.partition_id)
+
+
+def initial_state(config: TrainConfig, nodes: list[NodeInfo]) -> RunState:
+    """PEFT's initialisation at the largest rank on every target module any node adapts; one cluster."""
+    from fedlm.models import load
+
+    if config.aggregator == "fedavg" and len({(n.rank, n.targets) for n in nodes}) > 1:
+        plans = sorted({f"{n.budget}: rank {n.rank}" for n in nodes})
+        raise ValueError(f"fedavg needs one LoRA plan for every device, got {plans}: use --rank-profile high")
+    targets = tuple(sorted({t for node in nodes for t in node.targets}))
+    base = load(config.model, quiet=True)
+    start = lora.init_state(base.model, max(node.rank for node in nodes), targets, config.seed)
+    return RunState(
+        fingerprint=config.fingerprint(),
+        globals={0: start},
+        cluster_of={node.partition_id: 0 for node in nodes},
+    )
+
+
+def write_outputs(out: Path, config: TrainConfig, state: RunState) -> None:
+    """metrics.json every round; the adapter folders are replaced whole (temp folder, then rename)."""
+    checkpoint.write_text_atomically(out / "metrics.json", json.dumps(state.rounds, indent=2) + "\n")
+    for kind, states in (("clients", state.personal), ("clusters", state.globals)):
+        for key, adapter in states.items():
+            target = out / kind / str(key)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
+            lora.save_adapter(adapter, staging, config.model)
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(staging, target)
+
+
+def run(grid: Grid, config: TrainConfig) -> RunState:
+    """The whole federated run; resumes from OUT's checkpoint when its settings match."""
+    out = Path(config.out)
+    nodes = discover(grid, config)
+    state = checkpoint.load(out)
+    if state is None or state.fingerprint != config.fingerprint():
+        state = initial_state(config, nodes)
+    strategy = HeteroLoraStrategy(config, make_aggregator(config.aggregator), nodes, state)
+    for server_round in range(state.round + 1, config.rounds + 1):
+        started = time.perf_counter()
+        replies = grid.send_and_receive(strategy.configure_train(server_round), timeout=REPLY_TIMEOUT_SECONDS)
+        record = strategy.aggregate_train(server_round, list(replies))
+        replies = grid.send_and_receive(strategy.configure_evaluate(server_round), timeout=REPLY_TIMEOUT_SECONDS)
+        strategy.aggregate_evaluate(record, list(replies))
+        record["seconds"] = round(time.perf_counter() - started, 2)
+        state.rounds.append(record)
+        state.round = server_round
+        checkpoint.save(out, state)
+        write_outputs(out, config, state)
+    return state
+
+
+def make_server_app(config: TrainConfig | None = None) -> ServerApp:
+    """A ServerApp for `config`, or (deployment) for the run config that `flwr run` passes."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run(grid, config or TrainConfig.from_flat(dict(context.run_config)))
+
+    return app
+
+
+app = make_server_app()
