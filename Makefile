@@ -39,3 +39,6 @@ format: install
 bench-cloud: install
 	$(BIN)/python benchmarks/cloud_throughput.py --model smollm2-135m-instruct
 	$(BIN)/python benchmarks/cloud_throughput.py --model gemma3-270m
+
+federated-deployment: install
+	bash scripts/federated_deployment.sh

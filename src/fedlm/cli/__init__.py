@@ -9,6 +9,7 @@ from fedlm.cli.bench import app as bench_app
 from fedlm.cli.demo import demo_command
 from fedlm.cli.evaluate import eval_command
 from fedlm.cli.privacy import app as privacy_app
+from fedlm.cli.train import train_command
 
 app = typer.Typer(
     name="fedlm",
@@ -23,6 +24,7 @@ app.command("eval")(eval_command)
 app.command("demo")(demo_command)
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(bench_app, name="bench")
+app.command("train")(train_command)
 
 
 def main() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 from fedlm.models.registry import EDGE_DEFAULT
 
@@ -26,6 +27,10 @@ class TrainConfig:
     max_texts: int = 64
     seed: int = 0
     out: str = "runs/federated"
+
+    @property
+    def out_path(self) -> Path:
+        return Path(self.out)
 
     def to_flat(self) -> dict[str, str | int | float]:
         return asdict(self)

@@ -28,7 +28,7 @@ def train_steps(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += float(loss)
+        total += loss.item()
     model.eval()
     return total / max(steps, 1)
 

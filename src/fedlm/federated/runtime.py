@@ -40,6 +40,7 @@ def offline_env(home: Path) -> dict[str, str]:
         FEDLM_CACHE=str(cache_root()),  # the model cache stays where it is although HOME moves
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         OMP_NUM_THREADS="1",
+        RAY_worker_niceness="0",  # Ray lowers its workers' priority (nice 15) by default: clients would starve
     )
     return env
 
@@ -103,6 +104,152 @@ def _simulate(config: TrainConfig) -> None:
             "init_args": {"num_cpus": 2, "num_gpus": 0, "include_dashboard": False, "log_to_driver": False},
         },
     )
+
+
+def write_app(folder: Path, config: TrainConfig) -> Path:
+    """A Flower App folder whose components are the installed fedlm apps (no code is shipped or installed)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    defaults = "\n".join(f"{key} = {json.dumps(value)}" for key, value in config.to_flat().items())
+    (folder / "pyproject.toml").write_text(
+        '[build-system]\nrequires = ["hatchling"]\nbuild-backend = "hatchling.build"\n\n'
+        '[project]\nname = "fedlm-federated"\nversion = "1.0.0"\ndependencies = []\n\n'
+        '[tool.hatch.build.targets.wheel]\npackages = ["."]\n\n'
+        '[tool.flwr.app]\npublisher = "fedlm"\n\n'
+        '[tool.flwr.app.components]\nserverapp = "fedlm.federated.server_app:app"\n'
+        'clientapp = "fedlm.federated.client_app:app"\n\n'
+        f"[tool.flwr.app.config]\n{defaults}\n"
+    )
+    return folder
+
+
+def run_deployment(
+    config: TrainConfig,
+    budgets: list[str] | None = None,
+    on_round: Callable[[int], None] = lambda _: None,
+    timeout: float = 3600.0,
+) -> Path:
+    """Start a SuperLink and one SuperNode per client on 127.0.0.1, run the app with `flwr run`, stop them.
+
+    Each SuperNode gets its partition and, from `budgets` (round-robin), its `hardware-budget` through
+    `--node-config`, as a real device would. Only the processes started here are stopped, by their own handles.
+    """
+    from fedlm.federated.profiles import budget_for, parse_profile_map
+
+    out = Path(config.out).resolve()
+    config = TrainConfig.from_flat({**config.to_flat(), "out": str(out)})
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = offline_env(out / ".home")
+    budgets = budgets or parse_profile_map(config.rank_profile)
+    link_port = free_port()
+    flwr_home = Path(env["FLWR_HOME"])
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "fedlm"\n\n[superlink.fedlm]\naddress = "{LOOPBACK}:{link_port}"\ninsecure = true\n'
+    )
+    bin_dir = Path(sys.executable).parent
+    commands = [
+        [
+            str(bin_dir / "flower-superlink"),
+            "--insecure",
+            "--host",
+            LOOPBACK,
+            "--port",
+            str(link_port),
+            "--disable-runtime-dependency-installation",
+            "--database",
+            str(out / ".home" / "superlink.db"),
+        ],
+    ]
+    for pid in range(config.clients):
+        node_config = f'partition-id={pid} num-partitions={config.clients} hardware-budget="{budget_for(pid, budgets)}"'
+        commands.append(
+            [
+                str(bin_dir / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                f"{LOOPBACK}:{link_port}",
+                "--host",
+                LOOPBACK,
+                "--port",
+                str(free_port()),
+                "--node-config",
+                node_config,
+            ]
+        )
+    started: list[subprocess.Popen] = []
+    handles = []
+    try:
+        for index, command in enumerate(commands):
+            handle = (logs / ("superlink.log" if index == 0 else f"supernode-{index - 1}.log")).open("w")
+            handles.append(handle)
+            started.append(subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT))
+            if index == 0:
+                _wait_for_port(link_port, started[0])
+        app_dir = write_app(out / ".home" / "app", config)
+        overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in config.to_flat().items())
+        submitted = subprocess.run(
+            [str(bin_dir / "flwr"), "run", str(app_dir), "fedlm", "--run-config", overrides, "--format", "json"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if submitted.returncode != 0:
+            raise RuntimeError(f"flwr run failed: {submitted.stdout}{submitted.stderr}")
+        run_id = json.loads(submitted.stdout)["run-id"]
+        deadline = time.monotonic() + timeout
+        _watch(started, out, on_round, lambda: _run_finished(bin_dir, env, run_id, deadline))
+        status = _run_status(bin_dir, env, run_id)
+        if status != "finished:completed":
+            raise RuntimeError(f"deployment run {run_id} ended as {status!r}; see {logs}")
+    finally:
+        for process in reversed(started):
+            if process.poll() is None:
+                process.terminate()
+        for process in reversed(started):
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        for handle in handles:
+            handle.close()
+    return out
+
+
+def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the SuperLink exited with {process.returncode} before listening")
+        with socket.socket() as sock:
+            if sock.connect_ex((LOOPBACK, port)) == 0:
+                return
+        time.sleep(0.5)
+    raise RuntimeError(f"the SuperLink did not listen on {LOOPBACK}:{port} within {seconds:.0f} s")
+
+
+def _run_status(bin_dir: Path, env: dict[str, str], run_id: int) -> str:
+    """`flwr list` for one run (about a second of CPU per call, so it is polled slowly)."""
+    listed = subprocess.run(
+        [str(bin_dir / "flwr"), "list", "fedlm", "--run-id", str(run_id), "--format", "json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    try:
+        return str(json.loads(listed.stdout)["runs"][0]["status"])
+    except (ValueError, KeyError, IndexError):
+        return "unknown"
+
+
+def _run_finished(bin_dir: Path, env: dict[str, str], run_id: int, deadline: float) -> bool:
+    if time.monotonic() > deadline:
+        raise RuntimeError(f"deployment run {run_id} did not finish in time")
+    time.sleep(4.0)
+    return _run_status(bin_dir, env, run_id).startswith("finished")
 
 
 def free_port() -> int:
