@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from fedlm.bench.throughput import measure
+from fedlm.bench.throughput import measure, warm_up
 from fedlm.cloud.engine import Engine
 from fedlm.cloud.service import background_service
 from fedlm.models import CLOUD_DEFAULT, load
@@ -22,20 +22,18 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=8)
     args = parser.parse_args()
     engine = Engine(load(args.model, quiet=True), max_batch=args.max_batch)
+    rows = []
     with background_service(engine) as url:
-        rows = measure(url, requests=args.requests, max_tokens=args.max_tokens)
-    for row in rows:
-        print(json.dumps(row))
-    batches = engine.batch_sizes[1:]
-    print(
-        json.dumps(
-            {
-                "model": args.model,
-                "speedup_4_vs_1": round(rows[-1]["tokens_per_s"] / rows[0]["tokens_per_s"], 2),
-                "mean_batch": round(sum(batches) / len(batches), 2),
-            }
-        )
-    )
+        warm_up(url)
+        for clients in (1, 4):
+            mark = len(engine.batch_sizes)
+            row = measure(url, clients, requests=args.requests, max_tokens=args.max_tokens)
+            steps = engine.batch_sizes[mark:]
+            row["mean_batch"] = round(sum(steps) / len(steps), 2)
+            rows.append(row)
+            print(json.dumps({"model": args.model, **row}), flush=True)
+    ratio = rows[1]["tokens_per_s"] / rows[0]["tokens_per_s"]
+    print(json.dumps({"model": args.model, "throughput_4_clients_vs_1": round(ratio, 2)}))
 
 
 if __name__ == "__main__":

@@ -110,3 +110,37 @@ def test_eval_on_examples_reflects_model_quality(cloud_url: str) -> None:
     for mode in ("edge", "cloud"):
         assert results["mcq", mode]["accuracy"] >= 0.5  # four choices: chance is 0.25
         assert 0.2 < results["bpb", mode]["bits_per_byte"] < 2.0  # real LMs on plain English
+
+
+def test_fused_generation_on_the_real_pair(edge: LoadedModel, cloud_url: str) -> None:
+    from fedlm.cloud.client import AsyncCloudClient
+    from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+    from fedlm.fusion.rules import make_rule
+
+    async def run() -> object:
+        async with AsyncCloudClient(cloud_url) as client:
+            decoder = FusedDecoder(
+                edge, make_rule("router"), client, FusionConfig(max_tokens=24, lookahead=4, deadline_ms=120_000)
+            )
+            return await decoder.generate("What is the capital of France?")
+
+    result = asyncio.run(run())
+    assert "Paris" in result.text
+    sources = {t.source for t in result.tokens}
+    assert sources & {"fused", "cloud"}, "the cloud's tokenizer shares boundaries with the edge's on plain English"
+    assert result.cloud_calls >= 1 and result.fallbacks == 0
+
+
+def test_fused_scoring_on_the_real_pair(edge: LoadedModel, cloud_url: str) -> None:
+    from fedlm.bench.scorers import FusedScorer
+    from fedlm.fusion.rules import make_rule
+
+    pairs = [
+        ("The capital of France is", " Paris, a city on the river Seine."),
+        ("Question: What is 7 times 8?\nAnswer:", " 56"),
+    ]
+    edge_scores = LocalScorer(edge).score(pairs)
+    same = FusedScorer(edge, make_rule("router"), cloud_url)
+    fused_scores = same.score(pairs)
+    assert same.fused_tokens / same.target_tokens > 0.5  # most edge tokens start where a Gemma token starts
+    assert all(f < 0 for f in fused_scores) and fused_scores != pytest.approx(edge_scores, abs=1e-3)

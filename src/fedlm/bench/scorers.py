@@ -15,9 +15,9 @@ from typing import Protocol
 import torch
 
 from fedlm.cloud.client import AsyncCloudClient
-from fedlm.fusion.cloud_view import next_token_views
+from fedlm.fusion.cloud_view import CloudText, read_logprobs
 from fedlm.fusion.rules import Experts, FusionRule
-from fedlm.fusion.vocab import CloudCandidate, VocabAligner
+from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.token_bytes import token_bytes_table, token_starts
 
@@ -81,19 +81,19 @@ class CloudScorer:
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
         return asyncio.run(self._score(pairs, progress))
 
-    def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[dict[int, list[CloudCandidate]]]:
+    def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
         """The cloud's top-k candidates at each of its token starts in `context + target`, per pair."""
         return asyncio.run(self._views(pairs, top_logprobs))
 
-    async def _views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[dict[int, list[CloudCandidate]]]:
+    async def _views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
         gate = asyncio.Semaphore(self.concurrency)
         async with AsyncCloudClient(self.base_url, self.api_key, self.model) as client:
             self.name = await client.resolve_model()
 
-            async def one(text: str) -> dict[int, list[CloudCandidate]]:
+            async def one(text: str) -> CloudText:
                 async with gate:
                     reply = await client.complete(text, max_tokens=0, echo=True, logprobs=top_logprobs, temperature=0)
-                return next_token_views(reply)
+                return read_logprobs(reply)
 
             return list(await asyncio.gather(*(one(c + t) for c, t in pairs)))
 
@@ -145,9 +145,10 @@ class FusedScorer:
             total = 0.0
             for token_id, start, before in self.edge.target_positions(context, target):
                 self.target_tokens += 1
-                if start in view:
+                candidates = view.candidates_at(start)
+                if candidates is not None:
                     self.fused_tokens += 1
-                    before = self.rule.fuse(Experts(before, self.aligner.project(view[start], before)))
+                    before = self.rule.fuse(Experts(before, self.aligner.project(candidates, before)))
                 total += float(before[token_id])
             out.append(total)
             if progress:

@@ -46,8 +46,12 @@ async def _run(url: str, api_key: str | None, clients: int, requests: int, max_t
 
 
 def measure(
-    url: str, api_key: str | None = None, concurrency: tuple[int, ...] = (1, 4), requests: int = 8, max_tokens: int = 64
-) -> list[dict[str, Any]]:
-    """Run `requests` chat completions at each concurrency level against the server at `url`."""
-    asyncio.run(_run(url, api_key, 1, 1, 4))  # warm-up: first-call costs are not throughput
-    return [asyncio.run(_run(url, api_key, c, requests, max_tokens)) for c in concurrency]
+    url: str, clients: int, api_key: str | None = None, requests: int = 8, max_tokens: int = 64
+) -> dict[str, Any]:
+    """Send `requests` chat completions from `clients` concurrent clients to the server at `url`."""
+    return asyncio.run(_run(url, api_key, clients, requests, max_tokens))
+
+
+def warm_up(url: str, api_key: str | None = None) -> None:
+    """One short request, so first-call costs do not count as throughput."""
+    asyncio.run(_run(url, api_key, 1, 1, 4))

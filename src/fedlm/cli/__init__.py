@@ -8,6 +8,7 @@ from fedlm.cli import cloud, models
 from fedlm.cli.bench import app as bench_app
 from fedlm.cli.demo import demo_command
 from fedlm.cli.evaluate import eval_command
+from fedlm.cli.generate import generate_command
 from fedlm.cli.privacy import app as privacy_app
 from fedlm.cli.train import train_command
 
@@ -20,6 +21,7 @@ app = typer.Typer(
 
 app.add_typer(models.app, name="models")
 app.add_typer(cloud.app, name="cloud")
+app.command("generate")(generate_command)
 app.command("eval")(eval_command)
 app.command("demo")(demo_command)
 app.add_typer(privacy_app, name="privacy")

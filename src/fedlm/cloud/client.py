@@ -32,8 +32,14 @@ class CloudUnavailable(CloudError):
     """The server could not be reached, timed out, or kept failing after the retries."""
 
 
+class EgressRefused(CloudError):
+    """The egress hook kept a request on the device (a privacy policy): nothing was sent."""
+
+
 class EgressHook(Protocol):
-    """The one place where request bodies become bytes on the wire (see `fedlm.privacy`)."""
+    """The one place where request bodies become bytes on the wire (see `fedlm.privacy`).
+
+    `outbound` may raise `EgressRefused` to keep a request on the device."""
 
     def outbound(self, destination: str, body: dict[str, Any]) -> bytes: ...
 

@@ -7,9 +7,11 @@ an end-of-text token is spelled by its name. Both are turned back into what they
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 from fedlm.fusion.vocab import CloudCandidate
+from fedlm.models.token_bytes import char_len
 
 END_OF_TEXT = {"<eos>", "</s>", "<|endoftext|>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"}
 _HEX = re.compile(r"\\x([0-9a-fA-F]{2})")
@@ -23,17 +25,29 @@ def candidate(token: str, logprob: float) -> CloudCandidate:
     return CloudCandidate(token.encode(), logprob)
 
 
-def next_token_views(response: dict[str, Any], start_offset: int = 0) -> dict[int, list[CloudCandidate]]:
-    """Map each character offset where a cloud token starts to the cloud's candidates for that token.
+@dataclass(frozen=True)
+class CloudText:
+    """The cloud's reading of a text: at each character offset where one of its tokens starts, that token's
+    bytes and the candidates it weighed there; `end` is where its last token ends."""
 
-    With `echo`, offsets count from the start of the prompt. Without it they count from the end of the prompt,
-    so pass `start_offset=len(prompt)`.
-    """
+    at: dict[int, tuple[bytes, list[CloudCandidate]]]
+    end: int
+
+    def candidates_at(self, offset: int) -> list[CloudCandidate] | None:
+        found = self.at.get(offset)
+        return found[1] if found else None
+
+
+def read_logprobs(response: dict[str, Any], start_offset: int = 0) -> CloudText:
+    """Read a legacy completion's logprobs. With `echo`, offsets count from the start of the prompt; without,
+    from the end of the prompt, so pass `start_offset=len(prompt)`."""
     logprobs = (response.get("choices") or [{}])[0].get("logprobs") or {}
+    tokens = logprobs.get("tokens") or []
     offsets, tops = logprobs.get("text_offset") or [], logprobs.get("top_logprobs") or []
-    views: dict[int, list[CloudCandidate]] = {}
-    for offset, top in zip(offsets, tops, strict=False):
+    at: dict[int, tuple[bytes, list[CloudCandidate]]] = {}
+    for token, offset, top in zip(tokens, offsets, tops, strict=False):
         if top:
             ranked = sorted(top.items(), key=lambda item: -item[1])
-            views[start_offset + offset] = [candidate(token, value) for token, value in ranked]
-    return views
+            at[start_offset + offset] = (candidate(token, 0.0).raw, [candidate(t, v) for t, v in ranked])
+    end = start_offset + (offsets[-1] + char_len(candidate(tokens[-1], 0.0).raw) if tokens and offsets else 0)
+    return CloudText(at, end)

@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 
 from fedlm.cloud.client import AsyncCloudClient, CloudError
-from fedlm.fusion.cloud_view import next_token_views
+from fedlm.fusion.cloud_view import CloudText, read_logprobs
 from fedlm.fusion.edge import EdgeDecoder
 from fedlm.fusion.rules import EdgeOnly, Experts, FusionRule, TokenRouting
 from fedlm.fusion.vocab import CloudCandidate, VocabAligner
@@ -101,14 +101,15 @@ class FusedDecoder:
         cloud = self.cloud if not isinstance(self.rule, EdgeOnly) else None
         while len(result.tokens) < self.config.max_tokens:
             drafts = self._draft(decoder, self.config.max_tokens - len(result.tokens))
-            views: dict[int, list[CloudCandidate]] | None = None
+            view: CloudText | None = None
             if cloud is not None and self._wants_cloud(drafts):
                 draft_text = b"".join(self.token_bytes[t] for t, _ in drafts)
-                views, cloud = await self._ask_cloud(cloud, cloud_prefix, answer, draft_text, result, len(drafts))
+                view, cloud = await self._ask_cloud(cloud, cloud_prefix, answer, draft_text, result, len(drafts))
+                sent = _valid_text(answer + draft_text)
             done = False
             for token_id, before in drafts:
-                at = len(cloud_prefix) + char_len(answer)
-                projection = self.aligner.project(views[at], before) if views and at in views else None
+                candidates = _candidates_at(view, sent, char_len(answer)) if view else None
+                projection = self.aligner.project(candidates, before) if candidates else None
                 choice = int(self.rule.fuse(Experts(before, projection)).argmax())
                 source: Source = "edge" if projection is None else ("fused" if choice == token_id else "cloud")
                 if not result.tokens:
@@ -151,7 +152,7 @@ class FusedDecoder:
 
     async def _ask_cloud(
         self, cloud: AsyncCloudClient, prefix: str, answer: bytes, draft: bytes, result: FusionResult, n_drafts: int
-    ) -> tuple[dict[int, list[CloudCandidate]] | None, AsyncCloudClient | None]:
+    ) -> tuple[CloudText | None, AsyncCloudClient | None]:
         """One scoring request within the deadline; returns the cloud's views and the cloud to keep using."""
         text = prefix + _valid_text(answer + draft)
         sent, received = cloud.traffic.bytes_sent, cloud.traffic.bytes_received
@@ -176,7 +177,7 @@ class FusedDecoder:
             result.cloud_calls += 1
             result.bytes_sent += cloud.traffic.bytes_sent - sent
             result.bytes_received += cloud.traffic.bytes_received - received
-        return next_token_views(response), cloud
+        return read_logprobs(response), cloud
 
     def _stopped(self, answer: bytes) -> bool:
         text = answer.decode("utf-8", "ignore")
@@ -196,3 +197,18 @@ def _valid_text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return raw[: err.start].decode("utf-8")
+
+
+def _candidates_at(view: CloudText, sent: str, at: int) -> list[CloudCandidate] | None:
+    """The cloud's candidates at character `at` of the answer text `sent`, if a cloud token starts there.
+
+    Offsets are matched from the end of the text, since the answer is the tail of what the cloud read while its
+    prefix is the cloud's own (a template, and possibly redacted by the privacy gate). The cloud token found must
+    spell the same text as the answer does there, or the two readings are not aligned and nothing is fused.
+    """
+    found = view.at.get(view.end - (len(sent) - at))
+    if found is None or at >= len(sent):
+        return None
+    raw, candidates = found
+    ahead = sent[at:].encode()
+    return candidates if ahead.startswith(raw) or raw.startswith(ahead) else None

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedlm.cloud.client import EgressRefused
 from fedlm.privacy.audit import AuditLog, AuditRecord
 from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector, Scan
 from fedlm.privacy.policy import DEFAULT_POLICY, Policy
@@ -25,7 +26,7 @@ from fedlm.privacy.rephrase import Rewriter, SlmRewriter
 TextFn = Callable[[str], str]
 
 
-class EgressBlocked(Exception):
+class EgressBlocked(EgressRefused):
     """A sensitive request under the `local` policy: it must not leave, so the edge model answers alone."""
 
     def __init__(self, destination: str, entity_types: list[str]) -> None:

@@ -1,0 +1,134 @@
+"""`fedlm generate`: the edge model decoding together with a cloud model, with per-token provenance."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from fedlm.cli.options import EMBEDDED, ApiKey, Cloud, CloudModel, Edge, Json, api_key_or_env, cloud_url
+
+if TYPE_CHECKING:
+    from fedlm.fusion.decoder import FusionResult
+
+SOURCE_STYLE = {"edge": "green", "cloud": "magenta", "fused": "cyan"}
+NO_CLOUD = "none"
+
+
+class Privacy(StrEnum):
+    off = "off"
+    local = "local"
+    redact = "redact"
+    rephrase = "rephrase"
+
+
+def generate_command(
+    prompt: str = typer.Argument(..., help="The user's prompt."),
+    edge: str = Edge,
+    adapter: str | None = typer.Option(
+        None, "--adapter", help="A PEFT LoRA adapter folder to apply to the edge model."
+    ),
+    cloud: str = Cloud,
+    cloud_model: str | None = CloudModel,
+    api_key: str | None = ApiKey,
+    fusion: str = typer.Option("router", "--fusion", help="router | linear | proxy | route | none"),
+    deadline_ms: float = typer.Option(2000.0, "--deadline-ms", min=1, help="How long each cloud round may take."),
+    lookahead: int = typer.Option(4, "--lookahead", min=1, help="Edge tokens drafted per cloud round trip."),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1),
+    simulate_rtt_ms: float = typer.Option(0.0, "--simulate-rtt-ms", min=0, help="Add a sleeping network delay."),
+    privacy: Privacy = typer.Option(
+        Privacy.off, "--privacy", help="What may leave the device: off|local|redact|rephrase"
+    ),
+    as_json: bool = Json,
+) -> None:
+    """Generate an answer to PROMPT, fusing the edge model with the cloud token by token."""
+    from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+    from fedlm.fusion.rules import make_rule
+    from fedlm.models import UnknownModelError, load
+
+    try:
+        rule = make_rule(fusion)
+        edge_model = load(edge, quiet=as_json)
+    except ValueError as err:  # an unknown rule or model name
+        raise typer.BadParameter(str(err)) from err
+    if adapter is not None:
+        edge_model = _with_adapter(edge_model, adapter)
+    config = FusionConfig(max_tokens, lookahead, deadline_ms, simulate_rtt_ms=simulate_rtt_ms)
+    use_cloud = cloud != NO_CLOUD and fusion != "none"
+    try:
+        if not use_cloud:
+            result = asyncio.run(FusedDecoder(edge_model, rule, None, config).generate(prompt))
+        else:
+            with cloud_url(cloud, cloud_model, quiet=as_json) as (url, model):
+                result = asyncio.run(_fused(edge_model, rule, config, prompt, url, api_key, model, privacy))
+    except UnknownModelError as err:
+        raise typer.BadParameter(str(err)) from err
+    _report(result, as_json, cloud if use_cloud else NO_CLOUD, fusion)
+
+
+async def _fused(
+    edge_model: Any,
+    rule: Any,
+    config: Any,
+    prompt: str,
+    url: str,
+    api_key: str | None,
+    model: str | None,
+    privacy: Privacy,
+) -> FusionResult:
+    from fedlm.cloud.client import AsyncCloudClient
+    from fedlm.fusion.decoder import FusedDecoder
+
+    egress = None
+    if privacy is not Privacy.off:
+        from fedlm.privacy import EgressGate
+
+        egress = EgressGate(privacy.value)
+    async with AsyncCloudClient(url, api_key_or_env(api_key), model, egress=egress) as client:
+        return await FusedDecoder(edge_model, rule, client, config).generate(prompt)
+
+
+def _with_adapter(loaded: Any, adapter: str) -> Any:
+    from pathlib import Path
+
+    from fedlm.models import LoadedModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise typer.BadParameter(
+            f"{adapter!r} is not a PEFT adapter folder (no adapter_config.json)", param_hint="--adapter"
+        )
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(loaded.model, adapter).eval()
+    return LoadedModel(f"{loaded.name}+{Path(adapter).name}", model, loaded.tokenizer, loaded.load_seconds)
+
+
+def _report(result: FusionResult, as_json: bool, cloud: str, fusion: str) -> None:
+    summary = {
+        "cloud_calls": result.cloud_calls,
+        "bytes_sent": result.bytes_sent,
+        "bytes_received": result.bytes_received,
+        "fallbacks": result.fallbacks,
+        "ttft_ms": round(result.ttft_ms, 1),
+        "tokens_per_s": round(result.tokens_per_s, 2),
+    }
+    if as_json:
+        tokens = [{"text": t.text, "source": t.source} for t in result.tokens]
+        typer.echo(json.dumps({"text": result.text, "tokens": tokens, **summary, "warnings": result.warnings}))
+        return
+    console = Console()
+    line = Text()
+    for token in result.tokens:
+        line.append(token.raw.decode("utf-8", "replace"), style=SOURCE_STYLE[token.source])
+    console.print(line)
+    legend = "  ".join(f"[{style}]{source}[/]" for source, style in SOURCE_STYLE.items())
+    where = "embedded cloud" if cloud == EMBEDDED else cloud
+    console.print(f"\n{legend}   fusion={fusion} cloud={where}", highlight=False)
+    console.print("  ".join(f"{k}={v}" for k, v in summary.items()), highlight=False)
+    for warning in result.warnings:
+        console.print(f"[yellow]warning:[/] {warning}")
