@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from fedlm.cloud.client import AsyncCloudClient
+from fedlm.cloud.client import AsyncCloudClient, scored_from_echo
 from fedlm.fusion.cloud_view import CloudText, read_logprobs
 from fedlm.fusion.rules import Experts, FusionRule
 from fedlm.fusion.vocab import VocabAligner
@@ -79,37 +79,32 @@ class CloudScorer:
         self.concurrency = concurrency
 
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
-        return asyncio.run(self._score(pairs, progress))
+        replies = self.echo(pairs, top_logprobs=0, progress=progress)
+        return [scored_from_echo(r, c + t, len(c)).target_logprob for r, (c, t) in zip(replies, pairs, strict=True)]
 
     def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
         """The cloud's top-k candidates at each of its token starts in `context + target`, per pair."""
-        return asyncio.run(self._views(pairs, top_logprobs))
+        return [read_logprobs(reply) for reply in self.echo(pairs, top_logprobs)]
 
-    async def _views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
+    def echo(
+        self, pairs: Sequence[Pair], top_logprobs: int, progress: Callable[[int], None] | None = None
+    ) -> list[dict]:
+        """One `echo` completion per pair, with prompt logprobs and top-k, sent `concurrency` at a time."""
+        return asyncio.run(self._echo([c + t for c, t in pairs], top_logprobs, progress))
+
+    async def _echo(self, texts: list[str], top_logprobs: int, progress: Callable[[int], None] | None) -> list[dict]:
         gate = asyncio.Semaphore(self.concurrency)
         async with AsyncCloudClient(self.base_url, self.api_key, self.model) as client:
             self.name = await client.resolve_model()
 
-            async def one(text: str) -> CloudText:
+            async def one(text: str) -> dict:
                 async with gate:
                     reply = await client.complete(text, max_tokens=0, echo=True, logprobs=top_logprobs, temperature=0)
-                return read_logprobs(reply)
-
-            return list(await asyncio.gather(*(one(c + t) for c, t in pairs)))
-
-    async def _score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None) -> list[float]:
-        gate = asyncio.Semaphore(self.concurrency)
-        async with AsyncCloudClient(self.base_url, self.api_key, self.model) as client:
-            self.name = await client.resolve_model()
-
-            async def one(context: str, target: str) -> float:
-                async with gate:
-                    scored = await client.score(context, target)
                 if progress:
                     progress(1)
-                return scored.target_logprob
+                return reply
 
-            return list(await asyncio.gather(*(one(c, t) for c, t in pairs)))
+            return list(await asyncio.gather(*(one(text) for text in texts)))
 
 
 class FusedScorer:

@@ -11,7 +11,9 @@ import typer
 
 from fedlm.privacy.detector import DEFAULT_THRESHOLD
 
-app = typer.Typer(help="Benchmarks: detector quality, gate latency.", no_args_is_help=True)
+app = typer.Typer(
+    help="Benchmarks: fusion quality and speed, federated training, privacy detector.", no_args_is_help=True
+)
 
 
 def _write_atomically(path: Path, text: str) -> None:
@@ -123,3 +125,69 @@ def federated(
         f"{personal['beats_base']} of {personal['of']} clients"
     )
     console.print(f"wrote {out / 'federated.json'} and {out / 'federated.png'}")
+
+
+def _numbers(text: str, kind: type, name: str) -> list:
+    try:
+        return [kind(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise typer.BadParameter(f"a comma-separated list of numbers, got {text!r}", param_hint=name) from err
+
+
+@app.command()
+def fusion(
+    edge: str = typer.Option("smollm2-135m-instruct", "--edge", help="Edge model name or HF folder."),
+    cloud: str = typer.Option("embedded", "--cloud", help="Cloud base URL, or 'embedded' (gemma3-270m on loopback)."),
+    cloud_model: str | None = typer.Option(None, "--cloud-model"),
+    mcq: Path = typer.Option(Path("examples/mcq.jsonl"), "--mcq", help="MCQ rows for accuracy."),
+    bpb: Path = typer.Option(Path("examples/bpb.jsonl"), "--bpb", help="Prompt/target rows for bits per byte."),
+    gsm8k_rows: int = typer.Option(40, "--gsm8k-rows", min=0, help="GSM8K answers scored for bits per byte (0: skip)."),
+    rtts: str = typer.Option("0,20,50,100", "--rtt-ms", help="Simulated round-trip times for the speed runs."),
+    lookaheads: str = typer.Option("1,4,8", "--lookahead", help="Lookaheads for the speed runs."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=4, help="Tokens generated per speed run."),
+    deadline_ms: float = typer.Option(2000.0, "--deadline-ms", min=1),
+    out: Path = typer.Option(Path("runs/bench-fusion"), "--out", help="Folder for fusion.json and fusion.png."),
+) -> None:
+    """Edge vs cloud vs each fusion rule (MCQ accuracy, bits/byte), and fused speed against edge-only."""
+    from rich.console import Console
+
+    from fedlm.bench.fusion import plot, quality, speed
+    from fedlm.bench.scorers import CloudScorer
+    from fedlm.cli.options import cloud_url
+    from fedlm.data.gsm8k import load_gsm8k
+    from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
+    from fedlm.models import load
+
+    rtt_list, k_list = _numbers(rtts, float, "--rtt-ms"), _numbers(lookaheads, int, "--lookahead")
+    try:
+        mcq_rows, bpb_sets = read_rows(mcq, McqRow), {"bpb": read_rows(bpb, BpbRow)}
+    except DataError as err:
+        raise typer.BadParameter(str(err)) from err
+    if gsm8k_rows:
+        bpb_sets["gsm8k"] = [
+            BpbRow(prompt=f"Question: {r.question}\nAnswer:", target=f" {r.answer}") for r in load_gsm8k(gsm8k_rows)
+        ]
+    console = Console()
+    edge_model = load(edge)
+    with cloud_url(cloud, cloud_model, quiet=False) as (url, model):
+        console.print("[bold]bench fusion[/]: quality (edge, cloud and fused readings of every text)")
+        result: dict = {
+            "edge": edge,
+            "cloud": model or url,
+            "quality": quality(edge_model, CloudScorer(url, model=model), mcq_rows, bpb_sets),
+        }
+        console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only)")
+        result["speed"] = speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms)
+    _write_atomically(out / "fusion.json", json.dumps(result, indent=2) + "\n")
+    plot(result, out / "fusion.png")
+    for name, modes in result["quality"].items():
+        console.print(f"{name}: " + ", ".join(f"{mode} {value:.4f}" for mode, value in modes.items()))
+    for run in result["speed"]["runs"]:
+        console.print(
+            f"rtt {run['rtt_ms']:>5.0f} ms, lookahead {run['lookahead']}: {run['ratio_to_edge']:.2f}x edge-only "
+            f"({run['tokens_per_s']} tok/s, cloud-informed {run['cloud_informed_share']:.0%}, "
+            f"fallbacks {run['fallbacks']})"
+        )
+    console.print(
+        f"edge-only {result['speed']['edge_tokens_per_s']} tok/s; wrote {out / 'fusion.json'} and {out / 'fusion.png'}"
+    )

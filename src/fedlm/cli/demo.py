@@ -1,106 +1,97 @@
-"""`fedlm demo`: both default models, converted and loaded, answering a question edge-side and over HTTP."""
+"""`fedlm demo`: the default models answering one question edge-only, cloud-only over HTTP, and fused."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedlm.cli.generate import provenance_line, source_legend
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
-
-if TYPE_CHECKING:
-    from fedlm.cloud.engine import Engine, SamplingParams
 
 QUESTION = "What is the capital of France?"
 
 
-class _Timer:
-    """Time to first piece of text, and decode speed after it, for a stream of (text, tokens) pieces."""
-
-    def __init__(self) -> None:
-        self.start = time.perf_counter()
-        self.first: float | None = None
-        self.end = self.start
-        self.tokens = 0
-        self.text = ""
-
-    def watch(self, pieces: Iterable[tuple[str, int]]) -> Iterator[str]:
-        for text, tokens in pieces:
-            if tokens and self.first is None:
-                self.first = time.perf_counter()
-            self.tokens += tokens
-            self.text += text
-            self.end = time.perf_counter()
-            yield text
-
-    def row(self) -> tuple[str, str, str]:
-        first = self.first or self.end
-        decode = (self.tokens - 1) / (self.end - first) if self.tokens > 1 and self.end > first else 0.0
-        return str(self.tokens), f"{(first - self.start) * 1000:.0f}", f"{decode:.1f}"
-
-
 def demo_command(
     question: str = typer.Option(QUESTION, "--question"),
-    max_tokens: int = typer.Option(48, "--max-tokens", min=1),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    lookahead: int = typer.Option(4, "--lookahead", min=1),
 ) -> None:
-    """Answer QUESTION with the edge model in process and with the cloud model through the embedded HTTP service."""
-    from fedlm.cloud.client import CloudClient
-    from fedlm.cloud.engine import Engine, SamplingParams
+    """Answer QUESTION three ways: the edge model alone, the cloud model alone over HTTP, and the two fused."""
+    from fedlm.cloud.client import AsyncCloudClient, CloudClient
+    from fedlm.cloud.engine import Engine
     from fedlm.cloud.service import background_service
+    from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+    from fedlm.fusion.rules import make_rule
     from fedlm.models import load
     from fedlm.models.cache import COMPLETE_MARKER, cached_model_dir
     from fedlm.models.registry import BUILTIN
 
     console = Console()
-    messages = [{"role": "user", "content": question}]
+    cached = {
+        name: (cached_model_dir(BUILTIN[name]) / COMPLETE_MARKER).exists() for name in (EDGE_DEFAULT, CLOUD_DEFAULT)
+    }
+    edge, cloud = load(EDGE_DEFAULT), load(CLOUD_DEFAULT)
     table = Table(title=f"fedlm demo: {question!r}")
-    for column in ("model", "path", "load", "tokens", "first token ms", "decode tokens/s"):
+    for column in ("mode", "tokens", "first token ms", "tokens/s", "cloud calls", "bytes sent / received"):
         table.add_column(column)
-    for name, where in ((EDGE_DEFAULT, "edge, in process"), (CLOUD_DEFAULT, "cloud, over HTTP")):
-        was_cached = (cached_model_dir(BUILTIN[name]) / COMPLETE_MARKER).exists()
-        loaded = load(name)
-        engine = Engine(loaded)
-        console.print(f"[bold]{name}[/] ({where}): ", end="")
-        timer = _Timer()
-        if name == EDGE_DEFAULT:
-            params = SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=engine.chat_stop)
-            for text in timer.watch(_edge_pieces(engine, engine.encode_chat(messages), params)):
-                console.print(text, end="", markup=False, highlight=False)
-        else:
-            with background_service(engine) as url, CloudClient(url) as client:
-                timer = _Timer()
-                chunks = client.stream_chat(messages, max_tokens=max_tokens, temperature=0, logprobs=True)
-                for text in timer.watch(_cloud_pieces(chunks)):
-                    console.print(text, end="", markup=False, highlight=False)
-        console.print()
-        load_kind = "cached" if was_cached else "converted now"
-        table.add_row(name, where, f"{loaded.load_seconds:.1f} s ({load_kind})", *timer.row())
+    config = FusionConfig(max_tokens=max_tokens, lookahead=lookahead)
+
+    async def fused(url: str | None, rule: str) -> object:
+        client = AsyncCloudClient(url) if url else None
+        try:
+            return await FusedDecoder(edge, make_rule(rule), client, config).generate(question)
+        finally:
+            if client:
+                await client.aclose()
+
+    alone = asyncio.run(fused(None, "none"))
+    console.print(f"[bold]edge only[/] ({EDGE_DEFAULT}, in process): {alone.text.strip()}")
+    table.add_row(
+        "edge only", str(len(alone.tokens)), f"{alone.ttft_ms:.0f}", f"{alone.tokens_per_s:.1f}", "0", "0 / 0"
+    )
+
+    with background_service(Engine(cloud)) as url:
+        with CloudClient(url) as client:
+            start, first, tokens, text = time.perf_counter(), None, 0, ""
+            for chunk in client.stream_chat(
+                [{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0, logprobs=True
+            ):
+                for choice in chunk.get("choices", []):
+                    content = (choice.get("logprobs") or {}).get("content") or []
+                    if content and first is None:
+                        first = time.perf_counter()
+                    tokens += len(content)
+                    text += choice["delta"].get("content") or ""
+            seconds = time.perf_counter() - start
+            traffic = client.traffic
+        console.print(f"[bold]cloud only[/] ({CLOUD_DEFAULT}, over HTTP): {text.strip()}")
+        ttft = ((first or time.perf_counter()) - start) * 1000
+        table.add_row(
+            "cloud only",
+            str(tokens),
+            f"{ttft:.0f}",
+            f"{tokens / seconds:.1f}",
+            str(traffic.requests),
+            f"{traffic.bytes_sent} / {traffic.bytes_received}",
+        )
+        together = asyncio.run(fused(url, "router"))
+    console.print(f"[bold]fused[/] (router, lookahead {lookahead}): ", end="")
+    console.print(provenance_line(together))
+    console.print(source_legend())
+    table.add_row(
+        f"fused (router, lookahead {lookahead})",
+        str(len(together.tokens)),
+        f"{together.ttft_ms:.0f}",
+        f"{together.tokens_per_s:.1f}",
+        str(together.cloud_calls),
+        f"{together.bytes_sent} / {together.bytes_received}",
+    )
     console.print(table)
-
-
-def _edge_pieces(engine: Engine, ids: list[int], params: SamplingParams) -> Iterator[tuple[str, int]]:
-    """Drive the in-process engine's async stream from synchronous code, one event at a time."""
-    loop = asyncio.new_event_loop()
-    stream = engine.stream(ids, params)
-    try:
-        while True:
-            try:
-                event = loop.run_until_complete(stream.__anext__())
-            except StopAsyncIteration:
-                return
-            yield event.text, len(event.tokens)
-    finally:
-        loop.run_until_complete(stream.aclose())
-        loop.close()
-
-
-def _cloud_pieces(chunks: Iterable[dict]) -> Iterator[tuple[str, int]]:
-    for chunk in chunks:
-        for choice in chunk.get("choices", []):
-            content = (choice.get("logprobs") or {}).get("content") or []
-            yield choice["delta"].get("content") or "", len(content)
+    loads = ", ".join(
+        f"{m.name} {m.load_seconds:.1f} s ({'cached' if cached[m.name] else 'converted now'})" for m in (edge, cloud)
+    )
+    console.print(f"load times: {loads}")

@@ -122,13 +122,21 @@ def _report(result: FusionResult, as_json: bool, cloud: str, fusion: str) -> Non
         typer.echo(json.dumps({"text": result.text, "tokens": tokens, **summary, "warnings": result.warnings}))
         return
     console = Console()
-    line = Text()
-    for token in result.tokens:
-        line.append(token.raw.decode("utf-8", "replace"), style=SOURCE_STYLE[token.source])
-    console.print(line)
-    legend = "  ".join(f"[{style}]{source}[/]" for source, style in SOURCE_STYLE.items())
+    console.print(provenance_line(result))
     where = "embedded cloud" if cloud == EMBEDDED else cloud
-    console.print(f"\n{legend}   fusion={fusion} cloud={where}", highlight=False)
+    console.print(f"\n{source_legend()}   fusion={fusion} cloud={where}", highlight=False)
     console.print("  ".join(f"{k}={v}" for k, v in summary.items()), highlight=False)
     for warning in result.warnings:
         console.print(f"[yellow]warning:[/] {warning}")
+
+
+def provenance_line(result: FusionResult) -> Text:
+    """The generated text, each token coloured by where it came from."""
+    line = Text()
+    for token in result.tokens:
+        line.append(token.raw.decode("utf-8", "replace"), style=SOURCE_STYLE[token.source])
+    return line
+
+
+def source_legend() -> str:
+    return "  ".join(f"[{style}]{source}[/]" for source, style in SOURCE_STYLE.items())

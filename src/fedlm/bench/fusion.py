@@ -1,0 +1,151 @@
+"""The fusion benchmark: quality (MCQ accuracy, bits per byte) and speed (tokens/s against edge-only).
+
+Quality: every text is read once by the edge (in process) and once by the cloud (one `echo` request with top-k
+logprobs); the cloud's score and every rule's fused score come from those same two readings, so the modes
+differ only in how they combine them. Speed: the same prompt is generated edge-only and fused, at several
+simulated round-trip times and lookaheads, in one run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq, mcq_pairs
+from fedlm.bench.scorers import CloudScorer, LocalScorer, Pair
+from fedlm.cloud.client import AsyncCloudClient, scored_from_echo
+from fedlm.data.jsonl import BpbRow, McqRow
+from fedlm.fusion.cloud_view import read_logprobs
+from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+from fedlm.fusion.rules import Experts, FusionRule, make_rule
+from fedlm.fusion.vocab import VocabAligner
+from fedlm.models import LoadedModel
+
+RULES = ("linear", "router", "proxy", "route")
+SPEED_PROMPT = "Explain in a few sentences why the sky is blue."
+
+
+@dataclass
+class _Fixed:
+    """A scorer that hands back scores computed elsewhere, so the metric code is shared with `fedlm eval`."""
+
+    name: str
+    scores: list[float]
+
+    def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
+        assert len(pairs) == len(self.scores)
+        return self.scores
+
+
+def score_modes(
+    edge: LoadedModel, cloud: CloudScorer, pairs: list[Pair], rules: Sequence[str] = RULES
+) -> dict[str, list[float]]:
+    """Summed target log-probabilities per pair for edge, cloud, and each fusion rule."""
+    reader = LocalScorer(edge)
+    aligner = VocabAligner(edge.tokenizer, [edge.tokenizer.eos_token_id])
+    replies = cloud.echo(pairs, top_logprobs=20)
+    scores: dict[str, list[float]] = {"edge": [], "cloud": [], **{f"fused-{r}": [] for r in rules}}
+    fusers: dict[str, FusionRule] = {r: make_rule(r) for r in rules}
+    for (context, target), reply in zip(pairs, replies, strict=True):
+        scores["cloud"].append(scored_from_echo(reply, context + target, len(context)).target_logprob)
+        view = read_logprobs(reply)
+        positions = reader.target_positions(context, target)
+        scores["edge"].append(sum(float(before[t]) for t, _, before in positions))
+        projected = [
+            (t, before, _project(aligner, view.candidates_at(start), before)) for t, start, before in positions
+        ]
+        for name, rule in fusers.items():
+            scores[f"fused-{name}"].append(sum(float(rule.fuse(Experts(before, p))[t]) for t, before, p in projected))
+    return scores
+
+
+def _project(aligner: VocabAligner, candidates: list | None, before: Any) -> Any:
+    return aligner.project(candidates, before) if candidates else None
+
+
+def quality(
+    edge: LoadedModel, cloud: CloudScorer, mcq: list[McqRow], bpb: dict[str, list[BpbRow]]
+) -> dict[str, dict[str, Any]]:
+    """{dataset: {mode: metric}} for the MCQ set (accuracy) and each BPB set (bits per byte)."""
+    out: dict[str, dict[str, Any]] = {}
+    pairs = [pair for row in mcq for pair in mcq_pairs(row)]
+    out["mcq"] = {
+        mode: evaluate_mcq(mcq, _Fixed(mode, s))["accuracy"] for mode, s in score_modes(edge, cloud, pairs).items()
+    }
+    for name, rows in bpb.items():
+        scores = score_modes(edge, cloud, [(r.prompt, r.target) for r in rows])
+        out[name] = {mode: evaluate_bpb(rows, _Fixed(mode, s))["bits_per_byte"] for mode, s in scores.items()}
+    return out
+
+
+async def _generate(edge: LoadedModel, rule: str, url: str | None, config: FusionConfig) -> Any:
+    client = AsyncCloudClient(url) if url else None
+    try:
+        return await FusedDecoder(edge, make_rule(rule), client, config).generate(SPEED_PROMPT)
+    finally:
+        if client:
+            await client.aclose()
+
+
+def speed(
+    edge: LoadedModel, url: str, rtts: Sequence[float], lookaheads: Sequence[int], max_tokens: int, deadline_ms: float
+) -> dict[str, Any]:
+    """Tokens/s of fused generation relative to edge-only, per simulated RTT and lookahead."""
+    base = asyncio.run(_generate(edge, "none", None, FusionConfig(max_tokens=max_tokens)))
+    runs = []
+    for rtt in rtts:
+        for k in lookaheads:
+            config = FusionConfig(max_tokens=max_tokens, lookahead=k, deadline_ms=deadline_ms, simulate_rtt_ms=rtt)
+            start = time.perf_counter()
+            result = asyncio.run(_generate(edge, "router", url, config))
+            sources = [t.source for t in result.tokens]
+            runs.append(
+                {
+                    "rtt_ms": rtt,
+                    "lookahead": k,
+                    "tokens_per_s": round(result.tokens_per_s, 2),
+                    "ratio_to_edge": round(result.tokens_per_s / base.tokens_per_s, 3),
+                    "cloud_calls": result.cloud_calls,
+                    "fallbacks": result.fallbacks,
+                    "cloud_informed_share": round(sum(s != "edge" for s in sources) / max(len(sources), 1), 3),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+    return {
+        "edge_tokens_per_s": round(base.tokens_per_s, 2),
+        "max_tokens": max_tokens,
+        "deadline_ms": deadline_ms,
+        "runs": runs,
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(result["quality"])
+    fig, axes = plt.subplots(1, len(datasets) + 1, figsize=(4.2 * (len(datasets) + 1), 4))
+    for ax, name in zip(axes, datasets, strict=False):
+        modes = result["quality"][name]
+        ax.bar(range(len(modes)), list(modes.values()), color=["#4c9a2a", "#9b4dca"] + ["#2a7ab0"] * (len(modes) - 2))
+        ax.set_xticks(range(len(modes)), list(modes), rotation=45, ha="right")
+        ax.set_title(f"{name}: {'accuracy' if name == 'mcq' else 'bits/byte (lower is better)'}")
+    ax = axes[-1]
+    runs = result["speed"]["runs"]
+    for k in sorted({r["lookahead"] for r in runs}):
+        points = [(r["rtt_ms"], r["ratio_to_edge"]) for r in runs if r["lookahead"] == k]
+        ax.plot(*zip(*points, strict=True), marker="o", label=f"lookahead {k}")
+    ax.axhline(1.0, color="grey", linestyle=":")
+    ax.set_xlabel("simulated RTT (ms)")
+    ax.set_ylabel("tokens/s relative to edge-only")
+    ax.set_title("speed")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
