@@ -57,6 +57,16 @@ class FusedToken:
 
 
 @dataclass
+class _State:
+    """What one generation has decided so far."""
+
+    decoder: EdgeDecoder
+    prompt_len: int
+    start: float
+    answer: bytes = b""
+
+
+@dataclass
 class FusionResult:
     tokens: list[FusedToken] = field(default_factory=list)
     cloud_calls: int = 0
@@ -95,43 +105,55 @@ class FusedDecoder:
         result = FusionResult()
         start = time.perf_counter()
         decoder = EdgeDecoder(self.edge, chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}]))
-        prompt_len = len(decoder.ids)
         cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
-        answer = b""
+        state = _State(decoder, len(decoder.ids), start)
         cloud = self.cloud if not isinstance(self.rule, EdgeOnly) else None
-        while len(result.tokens) < self.config.max_tokens:
-            drafts = self._draft(decoder, self.config.max_tokens - len(result.tokens))
-            view: CloudText | None = None
+        drafts = self._draft(decoder, self.config.max_tokens)
+        while drafts:
+            sent, speculative, view = "", [], None
             if cloud is not None and self._wants_cloud(drafts):
-                draft_text = b"".join(self.token_bytes[t] for t, _ in drafts)
-                view, cloud = await self._ask_cloud(cloud, cloud_prefix, answer, draft_text, result, len(drafts))
-                sent = _valid_text(answer + draft_text)
-            done = False
-            for token_id, before in drafts:
-                candidates = _candidates_at(view, sent, char_len(answer)) if view else None
-                projection = self.aligner.project(candidates, before) if candidates else None
-                choice = int(self.rule.fuse(Experts(before, projection)).argmax())
-                source: Source = "edge" if projection is None else ("fused" if choice == token_id else "cloud")
-                if not result.tokens:
-                    result.ttft_ms = (time.perf_counter() - start) * 1000
-                if choice in self.eos_ids:
-                    done = True
-                    break
-                answer += self.token_bytes[choice]
-                result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
-                if choice != token_id:
-                    decoder.rollback(prompt_len + len(result.tokens) - 1, before)
-                    decoder.append(choice)
-                    break
-                if len(result.tokens) >= self.config.max_tokens:
-                    break
-            if done or self._stopped(answer):
+                sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
+                asked = asyncio.create_task(self._ask_cloud(cloud, cloud_prefix + sent, result, len(drafts)))
+                room = self.config.max_tokens - len(result.tokens) - len(drafts)
+                if room > 0 and drafts[-1][0] not in self.eos_ids:  # draft on while the cloud reads: hides the RTT
+                    speculative = await asyncio.to_thread(self._draft, decoder, room)
+                view, cloud = await asked  # the deadline runs inside, from when the request left
+            kept_all, done = self._commit(drafts, view, sent, state, result)
+            if done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens:
                 break
-            if len(decoder.ids) > prompt_len + len(result.tokens):  # an edge draft ran past what was kept
-                decoder.rollback(prompt_len + len(result.tokens), decoder.next_logprobs)
+            room = self.config.max_tokens - len(result.tokens)
+            drafts = speculative if kept_all and speculative else self._draft(decoder, room)
         result.seconds = time.perf_counter() - start
         self._trim_stop(result)
         return result
+
+    def _commit(
+        self,
+        drafts: list[tuple[int, torch.Tensor]],
+        view: CloudText | None,
+        sent: str,
+        state: _State,
+        result: FusionResult,
+    ) -> tuple[bool, bool]:
+        """Fuse and keep draft tokens up to the first one fusion overturns. Returns (kept every draft, finished)."""
+        for token_id, before in drafts:
+            candidates = _candidates_at(view, sent, char_len(state.answer)) if view else None
+            projection = self.aligner.project(candidates, before) if candidates else None
+            choice = int(self.rule.fuse(Experts(before, projection)).argmax())
+            source: Source = "edge" if projection is None else ("fused" if choice == token_id else "cloud")
+            if not result.tokens:
+                result.ttft_ms = (time.perf_counter() - state.start) * 1000
+            if choice in self.eos_ids:
+                return False, True
+            state.answer += self.token_bytes[choice]
+            result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
+            if choice != token_id:  # overturned: forget this draft's rest and anything drafted after it
+                state.decoder.rollback(state.prompt_len + len(result.tokens) - 1, before)
+                state.decoder.append(choice)
+                return False, False
+            if len(result.tokens) >= self.config.max_tokens:
+                return True, True
+        return True, False
 
     def _draft(self, decoder: EdgeDecoder, budget: int) -> list[tuple[int, torch.Tensor]]:
         """Greedy edge tokens with the distribution each was drawn from; stops at an end token."""
@@ -151,10 +173,9 @@ class FusedDecoder:
         return True
 
     async def _ask_cloud(
-        self, cloud: AsyncCloudClient, prefix: str, answer: bytes, draft: bytes, result: FusionResult, n_drafts: int
+        self, cloud: AsyncCloudClient, text: str, result: FusionResult, n_drafts: int
     ) -> tuple[CloudText | None, AsyncCloudClient | None]:
-        """One scoring request within the deadline; returns the cloud's views and the cloud to keep using."""
-        text = prefix + _valid_text(answer + draft)
+        """One scoring request within the deadline; returns the cloud's reading and the cloud to keep using."""
         sent, received = cloud.traffic.bytes_sent, cloud.traffic.bytes_received
 
         async def call() -> dict:
