@@ -13,6 +13,16 @@ from fedlm.models import LoadedModel
 from fedlm.models.tiny import save_tiny, tiny_loaded
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _audit_log_in_tmp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Every cloud request is audited: keep the tests' records out of the user's own log."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("FEDLM_AUDIT_LOG", str(tmp_path_factory.mktemp("audit") / "audit.jsonl"))
+    patch.delenv("FEDLM_PRIVACY", raising=False)
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="session")
 def tiny_llama() -> LoadedModel:
     return tiny_loaded("llama")

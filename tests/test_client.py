@@ -158,3 +158,17 @@ def test_egress_hook_sees_every_request_body(tiny_url: str) -> None:
         client.chat([{"role": "user", "content": "another"}], max_tokens=1)
         assert sum(len(b) for b in seen) == client.traffic.bytes_sent
     assert b"secret prompt" in seen[0] and b"another" in seen[1]
+
+
+def test_every_request_is_audited_by_default(tiny_url: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    log = tmp_path / "audit.jsonl"
+    monkeypatch.setenv("FEDLM_AUDIT_LOG", str(log))
+    with CloudClient(tiny_url, model="tiny-llama") as client:
+        client.complete("an ordinary prompt", max_tokens=1)
+        client.chat([{"role": "user", "content": "hello"}], max_tokens=1)
+        sent = client.traffic.bytes_sent
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [r["policy"] for r in records] == ["off", "off"]
+    assert sum(r["bytes"] for r in records) == sent and all(r["destination"].startswith(tiny_url) for r in records)

@@ -41,8 +41,8 @@ def generate_command(
     lookahead: int = typer.Option(4, "--lookahead", min=1, help="Edge tokens drafted per cloud round trip."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1),
     simulate_rtt_ms: float = typer.Option(0.0, "--simulate-rtt-ms", min=0, help="Add a sleeping network delay."),
-    privacy: Privacy = typer.Option(
-        Privacy.off, "--privacy", help="What may leave the device: off|local|redact|rephrase"
+    privacy: Privacy | None = typer.Option(
+        None, "--privacy", help="What may leave the device: off|local|redact|rephrase (default: $FEDLM_PRIVACY or off)."
     ),
     as_json: bool = Json,
 ) -> None:
@@ -79,13 +79,13 @@ async def _fused(
     url: str,
     api_key: str | None,
     model: str | None,
-    privacy: Privacy,
+    privacy: Privacy | None,
 ) -> FusionResult:
     from fedlm.cloud.client import AsyncCloudClient
     from fedlm.fusion.decoder import FusedDecoder
 
     egress = None
-    if privacy is not Privacy.off:
+    if privacy is not None:
         from fedlm.privacy import EgressGate
 
         egress = EgressGate(privacy.value)

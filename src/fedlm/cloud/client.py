@@ -46,14 +46,12 @@ class EgressHook(Protocol):
     def inbound(self, destination: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
-class PlainEgress:
-    """No policy: serialise as is."""
+def configured_egress() -> EgressHook:
+    """The privacy gate under the policy in `$FEDLM_PRIVACY` (default `off`, which still audits every byte), so
+    every path that talks to a cloud obeys one setting unless a caller passes its own gate."""
+    from fedlm.privacy import EgressGate  # the gate's detector loads only for policies that scan
 
-    def outbound(self, destination: str, body: dict[str, Any]) -> bytes:
-        return json.dumps(body, separators=(",", ":")).encode()
-
-    def inbound(self, destination: str, body: dict[str, Any]) -> dict[str, Any]:
-        return body
+    return EgressGate(os.environ.get("FEDLM_PRIVACY") or "off")
 
 
 def default_api_key() -> str | None:
@@ -142,7 +140,7 @@ class _Base:
         self.api_key = api_key if api_key is not None else default_api_key()
         self.model = model
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
-        self.egress: EgressHook = egress or PlainEgress()
+        self.egress: EgressHook = egress or configured_egress()
         self.traffic = Traffic()
 
     def _headers(self) -> dict[str, str]:
