@@ -144,3 +144,44 @@ def test_fused_scoring_on_the_real_pair(edge: LoadedModel, cloud_url: str) -> No
     fused_scores = same.score(pairs)
     assert same.fused_tokens / same.target_tokens > 0.5  # most edge tokens start where a Gemma token starts
     assert all(f < 0 for f in fused_scores) and fused_scores != pytest.approx(edge_scores, abs=1e-3)
+
+
+def test_projection_between_the_real_tokenizers_moves_mass_only_to_consistent_text(
+    edge: LoadedModel, cloud: LoadedModel
+) -> None:
+    """At every shared boundary of a random text, the cloud's token there lands only on edge tokens that spell
+    the same next text, and the edge's own token is among them: no byte is lost or duplicated."""
+    import math
+
+    import torch
+
+    from fedlm.fusion.vocab import CloudCandidate, VocabAligner
+    from fedlm.models.token_bytes import token_starts
+
+    aligner = VocabAligner(edge.tokenizer, [edge.tokenizer.eos_token_id])
+    edge_table, cloud_table = token_bytes_table(edge.tokenizer), token_bytes_table(cloud.tokenizer)
+    flat = torch.full((len(edge_table),), -math.log(len(edge_table)))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(st.text(alphabet=st.characters(codec="utf-8", categories=["L", "N", "P", "Zs"]), min_size=1, max_size=40))
+    def check(text: str) -> None:
+        e_ids = edge.tokenizer(text, add_special_tokens=False)["input_ids"]
+        c_ids = cloud.tokenizer(text, add_special_tokens=False)["input_ids"]
+        assume(b"".join(edge_table[i] for i in e_ids) == text.encode() == b"".join(cloud_table[i] for i in c_ids))
+        e_starts, _ = token_starts((edge_table[i], "") for i in e_ids)
+        c_starts, _ = token_starts((cloud_table[i], "") for i in c_ids)
+        edge_at = dict(zip(e_starts, e_ids, strict=True))
+        for start, c_id in zip(c_starts, c_ids, strict=True):
+            if start not in edge_at:
+                continue  # not a shared boundary: the decoder fuses nothing here
+            raw = cloud_table[c_id]
+            claimed = aligner.targets(CloudCandidate(raw, 0.0)).tolist()
+            rest = text[start:].encode()
+            assert claimed and all(rest.startswith(edge_table[i]) or edge_table[i].startswith(raw) for i in claimed)
+            own = edge_table[edge_at[start]]
+            if raw not in aligner.exact:  # with no exact twin, the edge's own spelling is one of the claimants
+                assert (own.startswith(raw) or raw.startswith(own)) and edge_at[start] in claimed
+            projected = aligner.project([CloudCandidate(raw, math.log(0.5))], flat).logprobs.exp()
+            assert abs(float(projected.sum()) - 1) < 1e-4
+
+    check()
