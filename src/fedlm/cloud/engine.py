@@ -202,14 +202,20 @@ class Engine:
             input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
             mask[row, width - len(request.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True)
-        logprobs = out.logits.float().log_softmax(-1)
+        echo = any(r.params.echo for r in requests)  # else only the last position's logits are computed at all
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if echo else 1,
+        )
         states = [_RowState(self, request) for request in requests]
         for row, state in enumerate(states):
             if state.params.echo:
-                state.emit_prompt(logprobs[row, width - len(state.request.prompt_ids) :])
+                state.emit_prompt(out.logits[row, width - len(state.request.prompt_ids) : -1].float().log_softmax(-1))
         batch = _Batch(self, states, out.past_key_values, mask, positions[:, -1:])
-        batch.advance(logprobs[:, -1])
+        batch.advance(out.logits[:, -1].float().log_softmax(-1))
         return batch
 
     def candidate(self, token_id: int, logprob: float) -> Candidate:
@@ -221,15 +227,17 @@ class Engine:
         )
         return Candidate(token_id, text, raw, logprob)
 
-    def position(self, token_id: int, logprobs: torch.Tensor | None, k: int) -> TokenLogprob:
-        """The token at one position, with its logprob and the top-k, from that position's distribution."""
-        if logprobs is None:
-            return TokenLogprob(self.candidate(token_id, float("nan")))
-        top: tuple[Candidate, ...] = ()
-        if k > 0:
-            values, ids = logprobs.topk(k)
-            top = tuple(self.candidate(i, v) for i, v in zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(self.candidate(token_id, float(logprobs[token_id])), top)
+    def positions(self, token_ids: list[int], logprobs: torch.Tensor, k: int) -> list[TokenLogprob]:
+        """Each token with its logprob and the top-k, from its own row of `logprobs` (one row per token)."""
+        chosen = logprobs.gather(-1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
+        values, ids = logprobs.topk(k, dim=-1) if k > 0 else (logprobs[:, :0], logprobs[:, :0].long())
+        return [
+            TokenLogprob(
+                self.candidate(token_id, lp),
+                tuple(self.candidate(i, v) for i, v in zip(top_ids, top_values, strict=True)),
+            )
+            for token_id, lp, top_ids, top_values in zip(token_ids, chosen, ids.tolist(), values.tolist(), strict=True)
+        ]
 
 
 class _Batch:
@@ -314,10 +322,10 @@ class _RowState:
             request.emit(StreamEvent(finish_reason="length"))
 
     def emit_prompt(self, logprobs: torch.Tensor) -> None:
+        """`logprobs` has one row per prompt token after the first: the distribution that token was read from."""
         ids = self.request.prompt_ids
-        k = self.params.top_logprobs or 0
-        scored = [self.engine.position(ids[0], None, 0)]
-        scored += [self.engine.position(ids[i], logprobs[i - 1], k) for i in range(1, len(ids))]
+        scored = [TokenLogprob(self.engine.candidate(ids[0], float("nan")))]  # nothing to condition the first on
+        scored += self.engine.positions(ids[1:], logprobs, self.params.top_logprobs or 0)
         self.request.emit(StreamEvent(prompt=tuple(scored), finish_reason="length" if self.done else None))
 
     def _sample(self, logprobs: torch.Tensor) -> int:
@@ -339,7 +347,7 @@ class _RowState:
         self.count += 1
         if token_id in self.engine.eos_ids:
             return self._finish("stop")
-        self.pending.append(self.engine.position(token_id, logprobs, self.params.top_logprobs or 0))
+        self.pending.append(self.engine.positions([token_id], logprobs[None], self.params.top_logprobs or 0)[0])
         self.raw += self.engine.token_bytes[token_id]
         text = self.raw[: complete_prefix_len(self.raw)].decode("utf-8", errors="ignore")  # hold back partial chars
         for stop in self.params.stop:
