@@ -109,6 +109,7 @@ class FlexLoRA(Aggregator):
         pair = LoraPair((root[:, None] * vt).astype(np.float32), (u * root).astype(np.float32))
         return pair.padded(rank)
 
+
 AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, ZeroPad, HetLoRA, FlexLoRA)}
 
 
