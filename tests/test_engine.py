@@ -71,3 +71,29 @@ def test_echo_scores_every_prompt_token_but_the_first(tiny_engine: Engine) -> No
 def test_too_long_prompt_is_refused_before_decoding(tiny_engine: Engine) -> None:
     with pytest.raises(ContextLengthError, match="maximum context length"):
         tiny_engine.check_length(list(range(250)), SamplingParams(max_tokens=10))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_prefix_cache_gives_the_same_answers_as_reading_everything(arch: str) -> None:
+    from fedlm.models.loader import LoadedModel as Loaded
+    from fedlm.models.tiny import tiny_model, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    model = tiny_model(arch, len(tokenizer), seed=3, sliding_window=64)  # wide enough to keep every position
+    loaded = Loaded(f"tiny-{arch}", model, tokenizer)
+    cached, plain = Engine(loaded, prefix_cache=4), Engine(loaded, prefix_cache=0)
+    base = "Once upon a time, a keeper watched the sea from a lighthouse. The capital of France is Paris."
+    prompts = [base, base + " Numbers: 0 1 2", base + " Numbers: 0 1 2 3 4 5", base + " def add(a, b):"]
+    for prompt in prompts:
+        ids = cached.encode_prompt(prompt)
+        for params in (
+            SamplingParams(max_tokens=0, echo=True, top_logprobs=3),
+            SamplingParams(max_tokens=6, temperature=0, top_logprobs=2),
+        ):
+            a = asyncio.run(cached.complete(ids, params))
+            b = asyncio.run(plain.complete(ids, params))
+            assert [t.token.token_id for t in a.tokens] == [t.token.token_id for t in b.tokens]
+            for x, y in zip(a.prompt[1:] + a.tokens, b.prompt[1:] + b.tokens, strict=True):
+                assert abs(x.token.logprob - y.token.logprob) < 1e-4
+                assert [c.token_id for c in x.top] == [c.token_id for c in y.top]
+    assert cached.prefix_cache.hits >= 5 and cached.prefix_cache.reused_tokens > 5 * 16

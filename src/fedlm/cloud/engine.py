@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from fedlm.cloud import batch_cache
+from fedlm.cloud.prefix_cache import Hit, PrefixCache, one_row
 from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_prompt_ids, chat_stops
 from fedlm.models.token_bytes import complete_prefix_len, token_bytes_table, token_text
@@ -95,7 +96,9 @@ class _Request:
 class Engine:
     """Serves generation and scoring requests for one model from one worker thread."""
 
-    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_model_len: int | None = None) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_batch: int = 8, max_model_len: int | None = None, prefix_cache: int = 8
+    ) -> None:
         self.name = loaded.name
         self.model: PreTrainedModel = loaded.model
         self.tokenizer: PreTrainedTokenizerBase = loaded.tokenizer
@@ -105,6 +108,7 @@ class Engine:
         self.token_bytes = token_bytes_table(self.tokenizer)
         self.eos_ids = self._eos_ids()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None  # prompts kept for reuse
         self.batch_sizes: list[int] = []  # rows in each decode step: lets benchmarks see the batching happen
         self._queue: queue.Queue[_Request] = queue.Queue()
         self._worker = threading.Thread(target=self._run, name=f"fedlm-engine-{self.name}", daemon=True)
@@ -194,7 +198,24 @@ class Engine:
                 running = None
 
     def _prefill(self, requests: list[_Request]) -> _Batch:
-        """Run the prompts of newly admitted requests as one left-padded batch and pick their first tokens."""
+        """Read the prompts of newly admitted requests and pick their first tokens, reusing cached prefixes."""
+        fresh, batches = [], []
+        for request in requests:
+            echo_k = (request.params.top_logprobs or 0) if request.params.echo else None
+            hit = self.prefix_cache.lookup(request.prompt_ids, echo_k) if self.prefix_cache else None
+            if hit is None:
+                fresh.append(request)
+            else:
+                batches.append(self._prefill_after(request, hit))
+        if fresh:
+            batches.insert(0, self._prefill_fresh(fresh))
+        joined = batches[0]
+        for other in batches[1:]:
+            joined = joined.merge(other)
+        return joined
+
+    def _prefill_fresh(self, requests: list[_Request]) -> _Batch:
+        """Prompts read in full, as one left-padded batch."""
         width = max(len(r.prompt_ids) for r in requests)
         input_ids = torch.full((len(requests), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(requests), width), dtype=torch.long)
@@ -212,9 +233,37 @@ class Engine:
         )
         states = [_RowState(self, request) for request in requests]
         for row, state in enumerate(states):
+            ids, k = state.request.prompt_ids, state.params.top_logprobs or 0
+            rows = None
             if state.params.echo:
-                state.emit_prompt(out.logits[row, width - len(state.request.prompt_ids) : -1].float().log_softmax(-1))
+                rows = self.positions(ids[1:], out.logits[row, width - len(ids) : -1].float().log_softmax(-1), k)
+                state.emit_prompt(rows)
+            if self.prefix_cache:
+                self.prefix_cache.store(ids, one_row(out.past_key_values, row, len(ids)), rows, k)
         batch = _Batch(self, states, out.past_key_values, mask, positions[:, -1:])
+        batch.advance(out.logits[:, -1].float().log_softmax(-1))
+        return batch
+
+    def _prefill_after(self, request: _Request, hit: Hit) -> _Batch:
+        """A prompt whose first `hit.length` positions come from the prefix cache: only the rest is read."""
+        ids, k, echo = request.prompt_ids, request.params.top_logprobs or 0, request.params.echo
+        positions = torch.arange(hit.length, len(ids))[None]
+        mask = torch.ones((1, len(ids)), dtype=torch.long)
+        out = self.model(
+            input_ids=torch.tensor([ids[hit.length :]]),
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=hit.cache,
+            use_cache=True,
+            logits_to_keep=0 if echo else 1,
+        )
+        state = _RowState(self, request)
+        rows = None
+        if echo:
+            rows = hit.echo + self.positions(ids[hit.length + 1 :], out.logits[0, :-1].float().log_softmax(-1), k)
+            state.emit_prompt(rows)
+        self.prefix_cache.store(ids, one_row(out.past_key_values, 0, len(ids)), rows, k)
+        batch = _Batch(self, [state], out.past_key_values, mask, positions[:, -1:])
         batch.advance(out.logits[:, -1].float().log_softmax(-1))
         return batch
 
@@ -321,11 +370,9 @@ class _RowState:
         if self.done and not self.params.echo:
             request.emit(StreamEvent(finish_reason="length"))
 
-    def emit_prompt(self, logprobs: torch.Tensor) -> None:
-        """`logprobs` has one row per prompt token after the first: the distribution that token was read from."""
-        ids = self.request.prompt_ids
-        scored = [TokenLogprob(self.engine.candidate(ids[0], float("nan")))]  # nothing to condition the first on
-        scored += self.engine.positions(ids[1:], logprobs, self.params.top_logprobs or 0)
+    def emit_prompt(self, rows: list[TokenLogprob]) -> None:
+        """Send the echo: `rows` score every prompt token after the first, which has nothing to condition on."""
+        scored = [TokenLogprob(self.engine.candidate(self.request.prompt_ids[0], float("nan"))), *rows]
         self.request.emit(StreamEvent(prompt=tuple(scored), finish_reason="length" if self.done else None))
 
     def _sample(self, logprobs: torch.Tensor) -> int:
