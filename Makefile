@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedlm-installed
 
-.PHONY: install demo test lint format bench-cloud
+.PHONY: install demo test lint format bench-cloud federated-deployment
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
