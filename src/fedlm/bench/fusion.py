@@ -8,7 +8,6 @@ simulated round-trip times and lookaheads, in one run.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,10 +16,10 @@ from typing import Any
 
 from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq, mcq_pairs
 from fedlm.bench.scorers import CloudScorer, LocalScorer, Pair
-from fedlm.cloud.client import AsyncCloudClient, scored_from_echo
+from fedlm.cloud.client import scored_from_echo
 from fedlm.data.jsonl import BpbRow, McqRow
 from fedlm.fusion.cloud_view import read_logprobs
-from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+from fedlm.fusion.decoder import FusionConfig, fuse_once
 from fedlm.fusion.rules import Experts, FusionRule, make_rule
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
@@ -82,26 +81,17 @@ def quality(
     return out
 
 
-async def _generate(edge: LoadedModel, rule: str, url: str | None, config: FusionConfig) -> Any:
-    client = AsyncCloudClient(url) if url else None
-    try:
-        return await FusedDecoder(edge, make_rule(rule), client, config).generate(SPEED_PROMPT)
-    finally:
-        if client:
-            await client.aclose()
-
-
 def speed(
     edge: LoadedModel, url: str, rtts: Sequence[float], lookaheads: Sequence[int], max_tokens: int, deadline_ms: float
 ) -> dict[str, Any]:
     """Tokens/s of fused generation relative to edge-only, per simulated RTT and lookahead."""
-    base = asyncio.run(_generate(edge, "none", None, FusionConfig(max_tokens=max_tokens)))
+    base = fuse_once(edge, make_rule("none"), SPEED_PROMPT, FusionConfig(max_tokens=max_tokens))
     runs = []
     for rtt in rtts:
         for k in lookaheads:
             config = FusionConfig(max_tokens=max_tokens, lookahead=k, deadline_ms=deadline_ms, simulate_rtt_ms=rtt)
             start = time.perf_counter()
-            result = asyncio.run(_generate(edge, "router", url, config))
+            result = fuse_once(edge, make_rule("router"), SPEED_PROMPT, config, url)
             sources = [t.source for t in result.tokens]
             runs.append(
                 {

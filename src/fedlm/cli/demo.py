@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import typer
@@ -21,10 +20,10 @@ def demo_command(
     lookahead: int = typer.Option(4, "--lookahead", min=1),
 ) -> None:
     """Answer QUESTION three ways: the edge model alone, the cloud model alone over HTTP, and the two fused."""
-    from fedlm.cloud.client import AsyncCloudClient, CloudClient
+    from fedlm.cloud.client import CloudClient
     from fedlm.cloud.engine import Engine
     from fedlm.cloud.service import background_service
-    from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+    from fedlm.fusion.decoder import FusionConfig, fuse_once
     from fedlm.fusion.rules import make_rule
     from fedlm.models import load
     from fedlm.models.cache import COMPLETE_MARKER, cached_model_dir
@@ -40,15 +39,7 @@ def demo_command(
         table.add_column(column)
     config = FusionConfig(max_tokens=max_tokens, lookahead=lookahead)
 
-    async def fused(url: str | None, rule: str) -> object:
-        client = AsyncCloudClient(url) if url else None
-        try:
-            return await FusedDecoder(edge, make_rule(rule), client, config).generate(question)
-        finally:
-            if client:
-                await client.aclose()
-
-    alone = asyncio.run(fused(None, "none"))
+    alone = fuse_once(edge, make_rule("none"), question, config)
     console.print(f"[bold]edge only[/] ({EDGE_DEFAULT}, in process): {alone.text.strip()}")
     table.add_row(
         "edge only", str(len(alone.tokens)), f"{alone.ttft_ms:.0f}", f"{alone.tokens_per_s:.1f}", "0", "0 / 0"
@@ -78,7 +69,7 @@ def demo_command(
             str(traffic.requests),
             f"{traffic.bytes_sent} / {traffic.bytes_received}",
         )
-        together = asyncio.run(fused(url, "router"))
+        together = fuse_once(edge, make_rule("router"), question, config, url)
     console.print(f"[bold]fused[/] (router, lookahead {lookahead}): ", end="")
     console.print(provenance_line(together))
     console.print(source_legend())

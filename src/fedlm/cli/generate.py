@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -47,7 +46,7 @@ def generate_command(
     as_json: bool = Json,
 ) -> None:
     """Generate an answer to PROMPT, fusing the edge model with the cloud token by token."""
-    from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+    from fedlm.fusion.decoder import FusionConfig, fuse_once
     from fedlm.fusion.rules import make_rule
     from fedlm.models import UnknownModelError, load
 
@@ -62,35 +61,20 @@ def generate_command(
     use_cloud = cloud != NO_CLOUD and fusion != "none"
     try:
         if not use_cloud:
-            result = asyncio.run(FusedDecoder(edge_model, rule, None, config).generate(prompt))
+            result = fuse_once(edge_model, rule, prompt, config)
         else:
+            egress = None
+            if privacy is not None:
+                from fedlm.privacy import EgressGate
+
+                egress = EgressGate(privacy.value)
             with cloud_url(cloud, cloud_model, quiet=as_json) as (url, model):
-                result = asyncio.run(_fused(edge_model, rule, config, prompt, url, api_key, model, privacy))
+                result = fuse_once(
+                    edge_model, rule, prompt, config, url, api_key=api_key_or_env(api_key), model=model, egress=egress
+                )
     except UnknownModelError as err:
         raise typer.BadParameter(str(err)) from err
     _report(result, as_json, cloud if use_cloud else NO_CLOUD, fusion)
-
-
-async def _fused(
-    edge_model: Any,
-    rule: Any,
-    config: Any,
-    prompt: str,
-    url: str,
-    api_key: str | None,
-    model: str | None,
-    privacy: Privacy | None,
-) -> FusionResult:
-    from fedlm.cloud.client import AsyncCloudClient
-    from fedlm.fusion.decoder import FusedDecoder
-
-    egress = None
-    if privacy is not None:
-        from fedlm.privacy import EgressGate
-
-        egress = EgressGate(privacy.value)
-    async with AsyncCloudClient(url, api_key_or_env(api_key), model, egress=egress) as client:
-        return await FusedDecoder(edge_model, rule, client, config).generate(prompt)
 
 
 def _with_adapter(loaded: Any, adapter: str) -> Any:

@@ -155,6 +155,18 @@ class _Base:
     def _should_retry(self, attempt: int, status: int | None) -> bool:
         return attempt < self.retries and (status is None or status in RETRY_STATUS)
 
+    def _settle(
+        self, path: str, attempt: int, content: bytes | None, outcome: httpx.Response | httpx.TransportError
+    ) -> httpx.Response | None:
+        """After one try: the response to hand back, None to try again, or the error to raise."""
+        if isinstance(outcome, httpx.TransportError):
+            if not self._should_retry(attempt, None):
+                raise _unreachable(self.base_url + path, outcome) from outcome
+            return None
+        self.traffic.requests += 1
+        self.traffic.bytes_sent += len(content or b"")
+        return outcome if outcome.is_success or not self._should_retry(attempt, outcome.status_code) else None
+
     def _result(self, path: str, response: httpx.Response) -> dict[str, Any]:
         self.traffic.bytes_received += response.num_bytes_downloaded
         if response.is_success:
@@ -221,13 +233,11 @@ class CloudClient(_Base):
             try:
                 response = self._http.request(method, self.base_url + path, content=content, headers=self._headers())
             except httpx.TransportError as err:
-                if not self._should_retry(attempt, None):
-                    raise _unreachable(self.base_url + path, err) from err
+                response = self._settle(path, attempt, content, err)
             else:
-                self.traffic.requests += 1
-                self.traffic.bytes_sent += len(content or b"")
-                if response.is_success or not self._should_retry(attempt, response.status_code):
-                    return response
+                response = self._settle(path, attempt, content, response)
+            if response is not None:
+                return response
             time.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
 
@@ -350,17 +360,15 @@ class AsyncCloudClient(_Base):
         content = self._body(path, body) if body is not None else None
         for attempt in range(self.retries + 1):
             try:
-                response = await self._http.request(
+                outcome = await self._http.request(
                     method, self.base_url + path, content=content, headers=self._headers()
                 )
             except httpx.TransportError as err:
-                if not self._should_retry(attempt, None):
-                    raise _unreachable(self.base_url + path, err) from err
+                response = self._settle(path, attempt, content, err)
             else:
-                self.traffic.requests += 1
-                self.traffic.bytes_sent += len(content or b"")
-                if response.is_success or not self._should_retry(attempt, response.status_code):
-                    return response
+                response = self._settle(path, attempt, content, outcome)
+            if response is not None:
+                return response
             await asyncio.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")
 

@@ -17,7 +17,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -233,3 +233,22 @@ def _candidates_at(view: CloudText, sent: str, at: int) -> list[CloudCandidate] 
     raw, candidates = found
     ahead = sent[at:].encode()
     return candidates if ahead.startswith(raw) or raw.startswith(ahead) else None
+
+
+def fuse_once(
+    edge: LoadedModel,
+    rule: FusionRule,
+    prompt: str,
+    config: FusionConfig,
+    cloud_url: str | None = None,
+    **client_options: Any,
+) -> FusionResult:
+    """Answer one prompt: open a client for `cloud_url` (none: edge alone), generate, close the client."""
+
+    async def run() -> FusionResult:
+        if cloud_url is None:
+            return await FusedDecoder(edge, rule, None, config).generate(prompt)
+        async with AsyncCloudClient(cloud_url, **client_options) as client:
+            return await FusedDecoder(edge, rule, client, config).generate(prompt)
+
+    return asyncio.run(run())
