@@ -120,3 +120,55 @@ class _serve:
     def __exit__(self, *_: object) -> None:
         self.server.should_exit = True
         self.thread.join(5)
+
+
+def _with_random_adapter(loaded: LoadedModel, folder) -> LoadedModel:
+    """A LoRA adapter with non-zero weights, so the adapted model really differs from the base."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    config = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    model = get_peft_model(loaded.model, config).eval()
+    for name, param in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.5)
+    model.save_pretrained(folder)
+    return LoadedModel("tiny-llama+lora", model, loaded.tokenizer)
+
+
+def test_proxy_tuning_with_the_base_as_cloud_gives_the_adapted_model(tmp_path, tiny_url: str) -> None:
+    from fedlm.models.tiny import tiny_loaded
+
+    adapted = _with_random_adapter(tiny_loaded("llama"), tmp_path / "adapter")  # the served cloud is the same base
+    prefix = _same_prompt_as_edge(adapted)
+    alone = asyncio.run(_generate(adapted, None, "none", max_tokens=12))
+    with adapted.model.disable_adapter():
+        base_only = asyncio.run(
+            _generate(
+                LoadedModel("base", adapted.model.base_model.model, adapted.tokenizer), None, "none", max_tokens=12
+            )
+        )
+    assert [t.token_id for t in alone.tokens] != [t.token_id for t in base_only.tokens], "the adapter must matter"
+    # cloud (= base) + (adapted - base) = adapted, exactly: fused proxy tuning reproduces the adapted model
+    proxy = asyncio.run(_generate(adapted, tiny_url, "proxy", max_tokens=12, lookahead=3, cloud_prefix=prefix))
+    assert [t.token_id for t in proxy.tokens] == [t.token_id for t in alone.tokens]
+    assert proxy.cloud_calls > 0 and proxy.fallbacks == 0
+
+
+def test_router_weighs_base_adapted_and_cloud(tmp_path, tiny_url: str) -> None:
+    from fedlm.fusion.edge import EdgeDecoder
+    from fedlm.fusion.rules import Experts, Router
+    from fedlm.models.tiny import tiny_loaded
+
+    adapted = _with_random_adapter(tiny_loaded("llama"), tmp_path / "adapter")
+    beliefs = EdgeDecoder(adapted, adapted.tokenizer("Once upon a time")["input_ids"]).next_beliefs
+    assert beliefs.adapted is not None and not torch_equal(beliefs.base, beliefs.adapted)
+    weights = Router().weights(Experts(beliefs.base, None, beliefs.adapted))
+    assert set(weights) == {"edge", "adapted"} and abs(sum(weights.values()) - 1) < 1e-9
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

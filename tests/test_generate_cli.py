@@ -55,3 +55,42 @@ def test_bad_options_exit_2(tiny_model_dir: Path) -> None:
         app, ["generate", "hi", "--edge", str(tiny_model_dir), "--adapter", "/nonexistent", "--cloud", "none"]
     )
     assert missing.exit_code == 2 and "adapter" in missing.output
+
+
+def test_adapter_folder_is_applied_to_the_edge(tiny_model_dir: Path, tiny_url: str, tmp_path: Path) -> None:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from fedlm.models import load
+
+    base = load(str(tiny_model_dir))
+    torch.manual_seed(0)
+    lora = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "adapter")
+    plain = _generate("Hello there", "--edge", str(tiny_model_dir), "--cloud", "none", "--max-tokens", "8")
+    adapted = _generate(
+        "Hello there",
+        "--edge",
+        str(tiny_model_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--cloud",
+        "none",
+        "--max-tokens",
+        "8",
+    )
+    assert adapted["tokens"] != plain["tokens"]  # the adapter changed what the edge says
+    fused = _generate(
+        "Hello there",
+        "--edge",
+        str(tiny_model_dir),
+        "--adapter",
+        str(tmp_path / "adapter"),
+        "--cloud",
+        tiny_url,
+        "--fusion",
+        "proxy",
+        "--max-tokens",
+        "8",
+    )
+    assert fused["cloud_calls"] > 0 and len(fused["tokens"]) == 8

@@ -19,11 +19,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import torch
-
 from fedlm.cloud.client import AsyncCloudClient, CloudError
 from fedlm.fusion.cloud_view import CloudText, read_logprobs
-from fedlm.fusion.edge import EdgeDecoder
+from fedlm.fusion.edge import Beliefs, EdgeDecoder
 from fedlm.fusion.rules import EdgeOnly, Experts, FusionRule, TokenRouting
 from fedlm.fusion.vocab import CloudCandidate, VocabAligner
 from fedlm.models import LoadedModel
@@ -129,7 +127,7 @@ class FusedDecoder:
 
     def _commit(
         self,
-        drafts: list[tuple[int, torch.Tensor]],
+        drafts: list[tuple[int, Beliefs]],
         view: CloudText | None,
         sent: str,
         state: _State,
@@ -138,8 +136,8 @@ class FusedDecoder:
         """Fuse and keep draft tokens up to the first one fusion overturns. Returns (kept every draft, finished)."""
         for token_id, before in drafts:
             candidates = _candidates_at(view, sent, char_len(state.answer)) if view else None
-            projection = self.aligner.project(candidates, before) if candidates else None
-            choice = int(self.rule.fuse(Experts(before, projection)).argmax())
+            projection = self.aligner.project(candidates, before.local) if candidates else None
+            choice = int(self.rule.fuse(Experts(before.base, projection, before.adapted)).argmax())
             source: Source = "edge" if projection is None else ("fused" if choice == token_id else "cloud")
             if not result.tokens:
                 result.ttft_ms = (time.perf_counter() - state.start) * 1000
@@ -155,21 +153,21 @@ class FusedDecoder:
                 return True, True
         return True, False
 
-    def _draft(self, decoder: EdgeDecoder, budget: int) -> list[tuple[int, torch.Tensor]]:
+    def _draft(self, decoder: EdgeDecoder, budget: int) -> list[tuple[int, Beliefs]]:
         """Greedy edge tokens with the distribution each was drawn from; stops at an end token."""
         drafts = []
         for _ in range(min(self.config.lookahead, budget)):
-            before = decoder.next_logprobs
-            token_id = int(before.argmax())
+            before = decoder.next_beliefs
+            token_id = int(before.local.argmax())
             drafts.append((token_id, before))
             if token_id in self.eos_ids:
                 break
             decoder.append(token_id)
         return drafts
 
-    def _wants_cloud(self, drafts: list[tuple[int, torch.Tensor]]) -> bool:
+    def _wants_cloud(self, drafts: list[tuple[int, Beliefs]]) -> bool:
         if isinstance(self.rule, TokenRouting):
-            return any(self.rule.wants_cloud(before) for _, before in drafts)
+            return any(self.rule.wants_cloud(before.local) for _, before in drafts)
         return True
 
     async def _ask_cloud(

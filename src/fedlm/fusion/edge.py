@@ -3,9 +3,14 @@
 Lookahead drafts several tokens, and fusion may reject some of them. Rolling back crops the KV cache instead of
 re-reading the prompt; a cache with sliding-window layers (which have already forgotten the positions it would
 need) is rebuilt from the kept tokens instead.
+
+With a PEFT adapter on the edge model, every step yields two beliefs, the base model's and the adapted model's
+(the same weights with the adapter switched off, on a cache of its own), so rules can weigh or subtract them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
@@ -13,40 +18,62 @@ from transformers import DynamicCache
 from fedlm.models import LoadedModel
 
 
+@dataclass(frozen=True)
+class Beliefs:
+    """The edge's next-token log-probabilities: the base model's and, with an adapter, the adapted model's."""
+
+    base: torch.Tensor
+    adapted: torch.Tensor | None = None
+
+    @property
+    def local(self) -> torch.Tensor:
+        """What the device itself believes: the adapted model when there is one."""
+        return self.adapted if self.adapted is not None else self.base
+
+
 class EdgeDecoder:
     def __init__(self, loaded: LoadedModel, prompt_ids: list[int]) -> None:
         self.model = loaded.model
+        self.has_adapter = hasattr(self.model, "disable_adapter")  # a PEFT model
         self.ids: list[int] = []
-        self.cache: DynamicCache | None = None
-        self.forward_passes = 0
+        self.caches: list[DynamicCache | None] = [None, None]  # [model as loaded, base with the adapter off]
         self._next = self._feed(prompt_ids)
 
     @property
-    def next_logprobs(self) -> torch.Tensor:
-        """Log-probabilities over the vocabulary for the token after `ids`."""
+    def next_beliefs(self) -> Beliefs:
+        """The distributions over the vocabulary for the token after `ids`."""
         return self._next
 
     @torch.no_grad()
-    def _feed(self, ids: list[int]) -> torch.Tensor:
-        out = self.model(input_ids=torch.tensor([ids]), past_key_values=self.cache, use_cache=True)
-        self.forward_passes += 1
-        self.cache = out.past_key_values
+    def _feed(self, ids: list[int]) -> Beliefs:
+        tokens = torch.tensor([ids])
+        out = self.model(input_ids=tokens, past_key_values=self.caches[0], use_cache=True)
+        self.caches[0] = out.past_key_values
+        last = out.logits[0, -1].float().log_softmax(-1)
+        if self.has_adapter:
+            with self.model.disable_adapter():
+                base = self.model(input_ids=tokens, past_key_values=self.caches[1], use_cache=True)
+            self.caches[1] = base.past_key_values
+            self._next = Beliefs(base.logits[0, -1].float().log_softmax(-1), last)
+        else:
+            self._next = Beliefs(last)
         self.ids += ids
-        self._next = out.logits[0, -1].float().log_softmax(-1)
         return self._next
 
-    def append(self, token_id: int) -> torch.Tensor:
+    def append(self, token_id: int) -> Beliefs:
         return self._feed([token_id])
 
-    def rollback(self, keep: int, next_logprobs: torch.Tensor) -> None:
-        """Forget every token after the first `keep`; `next_logprobs` is the distribution that followed them."""
+    def rollback(self, keep: int, next_beliefs: Beliefs) -> None:
+        """Forget every token after the first `keep`; `next_beliefs` are the distributions that followed them."""
         drop = len(self.ids) - keep
         if drop <= 0:
             return
-        if any(getattr(layer, "is_sliding", False) for layer in self.cache.layers):
-            kept, self.ids, self.cache = self.ids[:keep], [], None
+        caches = [c for c in self.caches if c is not None]
+        if any(getattr(layer, "is_sliding", False) for c in caches for layer in c.layers):
+            kept, self.ids, self.caches = self.ids[:keep], [], [None, None]
             self._feed(kept)
         else:
-            self.cache.crop(-drop)
+            for cache in caches:
+                cache.crop(-drop)
             self.ids = self.ids[:keep]
-        self._next = next_logprobs
+        self._next = next_beliefs
