@@ -5,7 +5,9 @@ the cloud's own prefix, the answer so far and the draft, sent with `echo` and to
 its next-token candidates at every position of its own tokenization. Wherever a cloud token starts exactly where an
 edge token starts (a shared text boundary) the two beliefs are fused; elsewhere the edge token stands. The first
 draft token that fusion overturns is replaced, the rest of the draft is rolled back, and the next round starts
-there. One round trip thus serves up to `lookahead` tokens, which is what hides the network.
+there. One round trip thus serves up to `lookahead` tokens, which is what hides the network. Even one draft is
+scored this way: a prompt that stopped right after the answer would force a cloud token boundary there, and the
+cloud would predict from a tokenization of the text it would never have made itself.
 
 The cloud gets `deadline_ms` per round. A late or failed answer never stalls generation: the drafted edge tokens
 stand and count as fallbacks; a cloud that errors is dropped for the rest of the generation with a warning.
