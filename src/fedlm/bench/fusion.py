@@ -45,7 +45,7 @@ def score_modes(
 ) -> dict[str, list[float]]:
     """Summed target log-probabilities per pair for edge, cloud, and each fusion rule."""
     reader = LocalScorer(edge)
-    aligner = VocabAligner(edge.tokenizer, [edge.tokenizer.eos_token_id])
+    aligner = VocabAligner(edge.tokenizer, edge.eos_ids)
     replies = cloud.echo(pairs, top_logprobs=20)
     scores: dict[str, list[float]] = {"edge": [], "cloud": [], **{f"fused-{r}": [] for r in rules}}
     fusers: dict[str, FusionRule] = {r: make_rule(r) for r in rules}

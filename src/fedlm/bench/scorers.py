@@ -128,7 +128,7 @@ class FusedScorer:
     ) -> None:
         self.edge = LocalScorer(edge)
         self.rule, self.cloud = rule, CloudScorer(base_url, api_key, model, concurrency)
-        self.aligner = VocabAligner(edge.tokenizer, [edge.tokenizer.eos_token_id])
+        self.aligner = VocabAligner(edge.tokenizer, edge.eos_ids)
         self.top_logprobs = top_logprobs
         self.name = f"{edge.name}+cloud/{rule.name}"
         self.fused_tokens = self.target_tokens = 0

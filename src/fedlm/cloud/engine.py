@@ -106,7 +106,7 @@ class Engine:
         config_len = getattr(self.model.config, "max_position_embeddings", None) or 4096
         self.max_model_len = min(max_model_len or config_len, config_len)
         self.token_bytes = token_bytes_table(self.tokenizer)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = loaded.eos_ids
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.prefix_cache = PrefixCache(prefix_cache) if prefix_cache > 0 else None  # prompts kept for reuse
         self.batch_sizes: list[int] = []  # rows in each decode step: lets benchmarks see the batching happen
@@ -160,13 +160,6 @@ class Engine:
         return result
 
     # ---- worker -----------------------------------------------------------------------------------------------
-
-    def _eos_ids(self) -> list[int]:
-        ids = self.model.generation_config.eos_token_id
-        ids = [ids] if isinstance(ids, int) else list(ids or [])
-        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
-            ids.append(self.tokenizer.eos_token_id)
-        return ids
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)

@@ -94,10 +94,7 @@ class FusedDecoder:
     ) -> None:
         self.edge, self.rule, self.cloud, self.config = edge, rule, cloud, config
         self.token_bytes = token_bytes_table(edge.tokenizer)
-        eos = edge.model.generation_config.eos_token_id
-        self.eos_ids = [eos] if isinstance(eos, int) else list(eos or [])
-        if edge.tokenizer.eos_token_id is not None and edge.tokenizer.eos_token_id not in self.eos_ids:
-            self.eos_ids.append(edge.tokenizer.eos_token_id)
+        self.eos_ids = edge.eos_ids
         self.aligner = VocabAligner(edge.tokenizer, self.eos_ids)
         self.stops = chat_stops(edge.tokenizer)
 

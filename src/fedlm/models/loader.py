@@ -24,6 +24,15 @@ class LoadedModel:
     tokenizer: PreTrainedTokenizerBase
     load_seconds: float = field(default=0.0)
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every token that ends generation: the generation config's, then the tokenizer's own if it differs."""
+        configured = self.model.generation_config.eos_token_id
+        ids = [configured] if isinstance(configured, int) else list(configured or [])
+        if self.tokenizer.eos_token_id is not None and self.tokenizer.eos_token_id not in ids:
+            ids.append(self.tokenizer.eos_token_id)
+        return ids
+
 
 def resolve(name_or_path: str, quiet: bool = False) -> Path:
     """Return the HF folder for a built-in name (converting it once) or a local model folder."""

@@ -11,6 +11,7 @@ import json
 import re
 from collections.abc import Iterable
 from functools import cache
+from weakref import WeakKeyDictionary
 
 from transformers import PreTrainedTokenizerBase
 
@@ -38,8 +39,19 @@ def _decoder_steps(tokenizer: PreTrainedTokenizerBase) -> list[dict]:
     return decoder.get("decoders", [decoder]) if decoder.get("type") == "Sequence" else [decoder]
 
 
+_TABLES: WeakKeyDictionary[PreTrainedTokenizerBase, list[bytes]] = WeakKeyDictionary()
+
+
 def token_bytes_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
-    """Bytes per token id; special tokens (BOS, EOS, chat markers) contribute no text, so they map to b""."""
+    """Bytes per token id; special tokens (BOS, EOS, chat markers) contribute no text, so they map to b"".
+
+    Built once per tokenizer object (the engine, the scorers and the fusion loop all ask for it)."""
+    if tokenizer not in _TABLES:
+        _TABLES[tokenizer] = _build_table(tokenizer)
+    return _TABLES[tokenizer]
+
+
+def _build_table(tokenizer: PreTrainedTokenizerBase) -> list[bytes]:
     steps = _decoder_steps(tokenizer)
     kinds = {step.get("type") for step in steps}
     replaces = [
