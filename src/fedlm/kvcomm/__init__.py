@@ -1,0 +1,1 @@
+"""KV-cache communication between heterogeneous LLMs (C2C-style): wire format, transmitter service, fuser."""
