@@ -1,1 +1,2 @@
-"""KV-cache communication between heterogeneous LLMs (C2C-style): wire format, transmitter service, fuser."""
+"""KV-cache communication between heterogeneous LLMs: the wire format, the transmitter service and its client,
+and C2C-style fusers that project a transmitter's cache into a receiver's."""
