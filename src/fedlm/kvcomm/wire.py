@@ -25,7 +25,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedTokenizerBase
 
 from fedlm.models.loader import LoadedModel
 from fedlm.models.token_bytes import token_bytes_table, token_starts
@@ -163,20 +163,23 @@ class KVPayload:
         return DynamicCache(ddp_cache_data=data)
 
 
-_FINGERPRINTS: WeakKeyDictionary[PreTrainedModel, str] = WeakKeyDictionary()
+_VOCAB_DIGESTS: WeakKeyDictionary[PreTrainedTokenizerBase, str] = WeakKeyDictionary()
 
 
 def model_fingerprint(loaded: LoadedModel) -> str:
     """sha256 of the model config and the tokenizer vocabulary: copies of one model agree wherever they were
-    loaded from, and any change that alters what a cache means or which token an id is gives a new one."""
-    if loaded.model not in _FINGERPRINTS:
-        config = {
-            k: v for k, v in loaded.model.config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_NOISE
-        }
-        digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
-        digest.update(json.dumps(sorted(loaded.tokenizer.get_vocab().items()), ensure_ascii=False).encode())
-        _FINGERPRINTS[loaded.model] = digest.hexdigest()
-    return _FINGERPRINTS[loaded.model]
+    loaded from, and a change of architecture or of which token an id is gives a new one (weights are not hashed).
+    """
+    tokenizer = loaded.tokenizer
+    if tokenizer not in _VOCAB_DIGESTS:  # hashing a 262k vocabulary takes a while: once per tokenizer
+        vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+        _VOCAB_DIGESTS[tokenizer] = hashlib.sha256(vocab.encode()).hexdigest()
+    config = {
+        k: v for k, v in loaded.model.config.to_dict().items() if not k.startswith("_") and k not in _CONFIG_NOISE
+    }
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest.update(_VOCAB_DIGESTS[tokenizer].encode())
+    return digest.hexdigest()
 
 
 def token_spans(loaded: LoadedModel, text: str, token_ids: list[int]) -> list[tuple[int, int]]:
@@ -339,8 +342,9 @@ def _split(blob: bytes, max_bytes: int) -> tuple[WireHeader, bytes]:
         header = WireHeader.model_validate_json(blob[_PREFIX.size : _PREFIX.size + head_len])
     except ValidationError as err:
         first = err.errors()[0]
-        where = ".".join(str(part) for part in first["loc"]) or "header"
-        raise KVWireError(f"malformed header: {where}: {first['msg']}") from None
+        where = ".".join(str(part) for part in first["loc"])
+        message = first["msg"].removeprefix("Value error, ")
+        raise KVWireError(f"malformed header: {where + ': ' if where else ''}{message}") from None
     return header, blob[_PREFIX.size + head_len : -_DIGEST]
 
 
