@@ -1,0 +1,88 @@
+"""A client for a KV transmitter (`fedlm.kvcomm.service`): text out through the privacy gate, a KV blob back.
+
+It behaves like `fedlm.cloud.client.CloudClient`: the same bearer key lookup, retries on transient failures,
+`CloudError` / `CloudUnavailable` for what the server said or why it could not be reached, and every request body
+leaving only as the bytes the `EgressHook` returns, so an `EgressRefused` (the `local` policy) sends nothing.
+The gate may rewrite the text (redact, rephrase): the KV cache is of the text the transmitter actually read, which
+the blob echoes back as `payload.text`, with token spans into that text. Use it, not the text passed in.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from fedlm.cloud.client import CloudError, EgressHook, _Base, _error_from
+from fedlm.kvcomm.wire import DEFAULT_MAX_BYTES, KVPayload, WireFormat, decode
+
+
+class TransmitterClient(_Base):
+    """Synchronous client. `model=None` asks the server which model it serves; `expect_fingerprint` refuses a blob
+    from any other model (`KVWireError`)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        egress: EgressHook | None = None,
+        model: str | None = None,
+        expect_fingerprint: str | None = None,
+        timeout: float = 120.0,
+        retries: int = 2,
+        backoff_s: float = 0.25,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+    ) -> None:
+        super().__init__(base_url, api_key, model, timeout, retries, backoff_s, egress)
+        self.expect_fingerprint, self.max_bytes = expect_fingerprint, max_bytes
+        self._http = httpx.Client(timeout=timeout)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> TransmitterClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
+        content = self._body(path, body) if body is not None else None  # the gate's bytes, or EgressRefused
+        for attempt in range(self.retries + 1):
+            try:
+                outcome: httpx.Response | httpx.TransportError = self._http.request(
+                    method, self.base_url + path, content=content, headers=self._headers()
+                )
+            except httpx.TransportError as err:
+                outcome = err
+            response = self._settle(path, attempt, content, outcome)
+            if response is not None:
+                return response
+            time.sleep(self.backoff_s * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def models(self) -> list[str]:
+        return [m["id"] for m in self._result("/models", self._send("GET", "/models")).get("data", [])]
+
+    def resolve_model(self) -> str:
+        if self.model is None:
+            names = self.models()
+            if not names:
+                raise CloudError(f"{self.base_url}/models lists no model; pass one explicitly")
+            self.model = names[0]
+        return self.model
+
+    def encode(
+        self, text: str, fmt: WireFormat = "fp16", layers: list[int] | None = None
+    ) -> tuple[KVPayload, int, float]:
+        """The transmitter's KV cache of `text`: (payload, bytes on the wire, seconds for request and decode)."""
+        body = {"model": self.resolve_model(), "text": text, "format": fmt, "layers": layers}
+        start = time.perf_counter()
+        response = self._send("POST", "/kv", body)
+        self.traffic.bytes_received += response.num_bytes_downloaded
+        if not response.is_success:
+            raise _error_from(self.base_url + "/kv", response)
+        blob = response.content
+        payload = decode(blob, self.expect_fingerprint, self.max_bytes)
+        return payload, len(blob), time.perf_counter() - start
