@@ -11,6 +11,7 @@ import hashlib
 import json
 from bisect import bisect_left
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Literal
 
 import torch
@@ -84,7 +85,7 @@ def align_tokens(receiver_spans: Sequence[Span], transmitter_spans: Sequence[Spa
     if not transmitter_spans:
         raise ValueError("the transmitter sent no tokens")
     starts = [start for start, _ in transmitter_spans]
-    if any(a > b for a, b in zip(starts, starts[1:], strict=False)):
+    if any(a > b for a, b in pairwise(starts)):
         raise ValueError("transmitter spans must be in text order")
     return torch.tensor([max(bisect_left(starts, end) - 1, 0) for _, end in receiver_spans], dtype=torch.long)
 

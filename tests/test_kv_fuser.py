@@ -1,0 +1,251 @@
+"""The C2C-style cache fuser and its training, on tiny random models of two different layouts and tokenizers."""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, FuserMismatchError, add_residuals
+from fedlm.kvcomm.train import (
+    Example,
+    TrainConfig,
+    gsm8k_pairs,
+    prefill,
+    prepare,
+    response_loss,
+    train,
+)
+from fedlm.models.loader import LoadedModel
+from fedlm.models.tiny import tiny_tokenizer
+
+# Wider initial weights than HF's 0.02: logits then depend on the context enough for a fuser to move them.
+SMALL = dict(
+    hidden_size=32, intermediate_size=64, num_attention_heads=4, max_position_embeddings=256, initializer_range=0.2
+)
+PAIRS = [
+    ("<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n", "The capital is Paris."),
+    ("<|im_start|>user\nWhat is two plus two?<|im_end|>\n<|im_start|>assistant\n", "Answer: four"),
+    ("<|im_start|>user\nOnce upon a time, a keeper<|im_end|>\n<|im_start|>assistant\n", "watched the sea."),
+    ("<|im_start|>user\ndef add(a, b):<|im_end|>\n<|im_start|>assistant\n", "    return a + b"),
+]
+
+
+def receiver_model(arch: str = "llama") -> LoadedModel:
+    """4 layers, 2 KV heads of 8: the receiver's layout (a gemma receiver exercises sliding layers on its side)."""
+    torch.manual_seed(0)
+    tokenizer = tiny_tokenizer(vocab_size=400)
+    if arch == "llama":
+        model = LlamaForCausalLM(
+            LlamaConfig(vocab_size=len(tokenizer), num_hidden_layers=4, num_key_value_heads=2, **SMALL)
+        )
+    else:
+        config = Gemma3TextConfig(
+            vocab_size=len(tokenizer), num_hidden_layers=4, num_key_value_heads=2, head_dim=8, sliding_window=5,
+            layer_types=["sliding_attention", "full_attention"] * 2, **SMALL,
+        )  # fmt: skip
+        model = Gemma3ForCausalLM(config)
+    return LoadedModel(f"tiny-receiver-{arch}", model.eval(), tokenizer)
+
+
+def transmitter_model(seed: int = 1) -> LoadedModel:
+    """3 gemma layers, 1 KV head of 16, another tokenizer, and a sliding window shorter than the contexts."""
+    torch.manual_seed(seed)
+    tokenizer = tiny_tokenizer(vocab_size=300)
+    config = Gemma3TextConfig(
+        vocab_size=len(tokenizer), num_hidden_layers=3, num_key_value_heads=1, head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "sliding_attention", "full_attention"], **SMALL,
+    )  # fmt: skip
+    return LoadedModel("tiny-transmitter", Gemma3ForCausalLM(config).eval(), tokenizer)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread() -> Iterator[None]:
+    """Tiny models run fastest on one thread; two oversubscribe the shared cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def receiver() -> LoadedModel:
+    return receiver_model()
+
+
+@pytest.fixture(scope="module")
+def transmitter() -> LoadedModel:
+    return transmitter_model()
+
+
+def scramble(fuser: CacheFuser, seed: int = 0) -> CacheFuser:
+    """Give every projection's zero-initialised last layer random weights, as a trained fuser would have."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in fuser.modules():
+            if hasattr(module, "mlp"):
+                module.mlp[-1].weight.copy_(torch.randn(module.mlp[-1].weight.shape, generator=generator))
+    return fuser
+
+
+def response_logits(receiver: LoadedModel, cache, example: Example) -> torch.Tensor:
+    inputs = [example.context_ids[-1], *example.response_ids]
+    with torch.no_grad():
+        return receiver.model(input_ids=torch.tensor([inputs]), past_key_values=cache, use_cache=True).logits
+
+
+def fused_logits(fuser: CacheFuser, receiver: LoadedModel, transmitter: LoadedModel, pair) -> torch.Tensor:
+    example = prepare(receiver, transmitter, pair)
+    prefilled = prefill(receiver, transmitter, example)
+    fused = fuser.fuse(prefilled.receiver_cache, prefilled.transmitter_kv, example.token_map[:-1])
+    return response_logits(receiver, fused, example)
+
+
+def alone_logits(receiver: LoadedModel, transmitter: LoadedModel, pair) -> torch.Tensor:
+    example = prepare(receiver, transmitter, pair)
+    return response_logits(receiver, prefill(receiver, transmitter, example).receiver_cache, example)
+
+
+def test_residuals_have_the_receiver_shapes_on_paired_layers_only(receiver, transmitter) -> None:
+    config = FuserConfig.for_pair(receiver, transmitter, align="last", hidden=16)
+    assert config.layer_map == [None, 0, 1, 2]
+    fuser = scramble(CacheFuser(config))
+    example = prepare(receiver, transmitter, PAIRS[0])
+    prefilled = prefill(receiver, transmitter, example)
+    residuals = fuser.residuals(prefilled.receiver_cache, prefilled.transmitter_kv, example.token_map[:-1])
+    assert sorted(residuals) == [1, 2, 3]
+    for r, (delta_k, delta_v) in residuals.items():
+        layer = prefilled.receiver_cache.layers[r]
+        assert delta_k.shape == layer.keys.shape == (1, 2, len(example.context_ids) - 1, 8)
+        assert delta_v.shape == layer.values.shape
+    fused = fuser.fuse(prefilled.receiver_cache, prefilled.transmitter_kv, example.token_map[:-1])
+    assert fused.get_seq_length() == prefilled.receiver_cache.get_seq_length()
+    assert torch.equal(fused.layers[0].keys, prefilled.receiver_cache.layers[0].keys)  # unpaired layer untouched
+    assert not torch.equal(fused.layers[3].keys, prefilled.receiver_cache.layers[3].keys)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_a_fresh_fuser_reproduces_the_receiver_exactly(arch: str, transmitter) -> None:
+    receiver = receiver_model(arch)
+    fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=16)).train()
+    for pair in PAIRS:
+        assert torch.equal(fused_logits(fuser, receiver, transmitter, pair), alone_logits(receiver, transmitter, pair))
+
+
+def test_a_closed_hard_gate_reproduces_the_receiver_and_an_open_one_does_not(receiver, transmitter) -> None:
+    fuser = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=16))).eval()
+    alone = alone_logits(receiver, transmitter, PAIRS[1])
+    assert not torch.allclose(fused_logits(fuser, receiver, transmitter, PAIRS[1]), alone, atol=1e-3)
+    with torch.no_grad():
+        for name, parameter in fuser.named_parameters():
+            if name.endswith("gate_logit"):
+                parameter.fill_(-0.5)
+    assert torch.equal(fused_logits(fuser, receiver, transmitter, PAIRS[1]), alone)
+
+
+def test_gradients_reach_the_fuser_and_not_the_models(receiver, transmitter) -> None:
+    for model in (receiver, transmitter):
+        model.model.requires_grad_(False)
+    fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=16)).train()
+    example = prepare(receiver, transmitter, PAIRS[0])
+    prefilled = prefill(receiver, transmitter, example)
+    fused = fuser.fuse(prefilled.receiver_cache, prefilled.transmitter_kv, example.token_map[:-1])
+    loss, _ = response_loss(receiver, fused, example)
+    loss.backward()
+    for model in (receiver, transmitter):
+        assert all(p.grad is None for p in model.model.parameters())
+    for layer in fuser.layers.values():
+        for projector in (layer.key, layer.value):
+            assert projector.mlp[-1].weight.grad.abs().sum() > 0  # the zero-initialised layer learns first
+
+
+def test_the_receivers_cache_is_never_changed_by_fusing_and_reading(receiver, transmitter) -> None:
+    fuser = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, hidden=16)))
+    example = prepare(receiver, transmitter, PAIRS[2])
+    prefilled = prefill(receiver, transmitter, example)
+    before = [(layer.keys.clone(), layer.values.clone()) for layer in prefilled.receiver_cache.layers]
+    fused = fuser.fuse(prefilled.receiver_cache, prefilled.transmitter_kv, example.token_map[:-1])
+    response_loss(receiver, fused, example)
+    assert fused.get_seq_length() == len(example.context_ids) + len(example.response_ids) - 1
+    assert prefilled.receiver_cache.get_seq_length() == len(example.context_ids) - 1
+    for (keys, values), layer in zip(before, prefilled.receiver_cache.layers, strict=True):
+        assert torch.equal(keys, layer.keys) and torch.equal(values, layer.values)
+
+
+def test_residuals_of_several_transmitters_add_up_and_a_masked_one_adds_nothing(receiver, transmitter) -> None:
+    other = transmitter_model(seed=2)
+    first = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, hidden=16)), seed=1).eval()
+    second = scramble(CacheFuser(FuserConfig.for_pair(receiver, other, hidden=16)), seed=2).eval()
+    a, b = prepare(receiver, transmitter, PAIRS[3]), prepare(receiver, other, PAIRS[3])
+    pa, pb = prefill(receiver, transmitter, a), prefill(receiver, other, b)
+    cache = pa.receiver_cache
+    ra = first.residuals(cache, pa.transmitter_kv, a.token_map[:-1])
+    rb = second.residuals(cache, pb.transmitter_kv, b.token_map[:-1])
+    both = add_residuals(cache, [ra, rb])
+    for r in ra:
+        assert torch.allclose(both.layers[r].keys, cache.layers[r].keys + ra[r][0] + rb[r][0])
+        assert torch.allclose(both.layers[r].values, cache.layers[r].values + ra[r][1] + rb[r][1])
+    only_first = add_residuals(cache, [ra])
+    assert all(
+        torch.equal(x.keys, y.keys)
+        for x, y in zip(only_first.layers, first.fuse(cache, pa.transmitter_kv, a.token_map[:-1]).layers, strict=True)
+    )
+
+
+def test_tokens_outside_a_sliding_transmitter_window_are_left_alone(receiver, transmitter) -> None:
+    fuser = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="last", hidden=16))).eval()
+    example = prepare(receiver, transmitter, PAIRS[0])
+    prefilled = prefill(receiver, transmitter, example)
+    window_rows = prefilled.transmitter_kv[0][0].shape[-2]  # transmitter layer 0 slides: it kept its last rows
+    assert window_rows < prefilled.transmitter_len
+    residuals = fuser.residuals(
+        prefilled.receiver_cache, prefilled.transmitter_kv, example.token_map[:-1], prefilled.transmitter_len
+    )
+    inside = example.token_map[:-1] >= prefilled.transmitter_len - window_rows
+    delta_k = residuals[1][0][0].abs().sum(dim=(0, 2))  # receiver layer 1 <- transmitter layer 0, per token
+    assert torch.equal(delta_k > 0, inside) and inside.any() and not inside.all()
+    only_full = fuser.residuals(
+        prefilled.receiver_cache, {2: prefilled.transmitter_kv[2]}, example.token_map[:-1], prefilled.transmitter_len
+    )
+    assert sorted(only_full) == [3]  # a subset of transmitter layers fuses only their partners
+
+
+def test_training_fits_a_small_fixed_batch(receiver, transmitter) -> None:
+    fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=32))
+    config = TrainConfig(steps=40, accumulate=4, lr=1e-2, eval_every=20, temperature_end=0.2)
+    seen: list[int] = []
+    curve = train(
+        fuser, receiver, transmitter, PAIRS, PAIRS, config, on_step=lambda s, _: seen.append(s), progress=False
+    )
+    assert seen == list(range(1, 41)) and len(curve.train_loss) == 40 and curve.eval_steps == [20, 40]
+    assert curve.receiver_alone_loss is not None and curve.receiver_alone_loss > 6  # a random model: log(400) ≈ 6
+    # Hard gates on the very pairs it trained on: the fuser memorised them (it reaches about 4 nats here).
+    assert curve.eval_loss[-1] < curve.receiver_alone_loss - 1.0
+    assert not any(p.requires_grad for p in receiver.model.parameters())
+
+
+def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter, tmp_path: Path) -> None:
+    fuser = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, hidden=16)))
+    fuser.config.extra["note"] = "kept"
+    fuser.save(tmp_path / "fuser")
+    loaded = CacheFuser.load(tmp_path / "fuser", receiver.model, transmitter.model)
+    assert loaded.config == fuser.config and not loaded.training
+    assert all(
+        torch.equal(a, b) for a, b in zip(fuser.state_dict().values(), loaded.state_dict().values(), strict=True)
+    )
+    fuser.eval()
+    assert torch.equal(
+        fused_logits(loaded, receiver, transmitter, PAIRS[0]), fused_logits(fuser, receiver, transmitter, PAIRS[0])
+    )
+    assert CacheFuser.load(tmp_path / "fuser", fuser.config.receiver_fingerprint, fuser.config.transmitter_fingerprint)
+    with pytest.raises(FuserMismatchError, match="trained with transmitter 'tiny-transmitter'"):
+        CacheFuser.load(tmp_path / "fuser", receiver.model, transmitter_model(seed=5).model)
+
+
+def test_gsm8k_pairs_are_chat_questions_with_plain_answers(receiver) -> None:
+    pairs = gsm8k_pairs(receiver, 3, start=2)
+    assert len(pairs) == 3
+    for context, answer in pairs:
+        assert context.startswith("<|im_start|>user\n") and context.endswith("<|im_start|>assistant\n")
+        assert "####" in answer and "<<" not in answer
