@@ -146,19 +146,29 @@ def fusion(
     lookaheads: str = typer.Option("1,4,8", "--lookahead", help="Lookaheads for the speed runs."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=4, help="Tokens generated per speed run."),
     deadline_ms: float = typer.Option(2000.0, "--deadline-ms", min=1),
+    placement: str = typer.Option(
+        "separate",
+        "--placement",
+        help="Embedded cloud during the speed runs: 'separate' (its own process and CPU core, as a remote cloud "
+        "would have) or 'shared' (in this process, competing with the edge for the same cores).",
+    ),
     out: Path = typer.Option(Path("runs/bench-fusion"), "--out", help="Folder for fusion.json and fusion.png."),
 ) -> None:
     """Edge vs cloud vs each fusion rule (MCQ accuracy, bits/byte), and fused speed against edge-only."""
     from rich.console import Console
 
     from fedlm.bench.fusion import plot, quality, speed
+    from fedlm.bench.placement import separate_cores
     from fedlm.bench.scorers import CloudScorer
-    from fedlm.cli.options import cloud_url
+    from fedlm.cli.options import EMBEDDED, cloud_url
     from fedlm.data.gsm8k import load_gsm8k
     from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
-    from fedlm.models import load
+    from fedlm.models import CLOUD_DEFAULT, load
 
     rtt_list, k_list = _numbers(rtts, float, "--rtt-ms"), _numbers(lookaheads, int, "--lookahead")
+    if placement not in ("separate", "shared"):
+        raise typer.BadParameter(f"--placement must be 'separate' or 'shared', not {placement!r}")
+    separate = placement == "separate" and cloud == EMBEDDED
     try:
         mcq_rows, bpb_sets = read_rows(mcq, McqRow), {"bpb": read_rows(bpb, BpbRow)}
     except DataError as err:
@@ -176,8 +186,15 @@ def fusion(
             "cloud": model or url,
             "quality": quality(edge_model, CloudScorer(url, model=model), mcq_rows, bpb_sets),
         }
-        console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only)")
-        result["speed"] = speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms)
+        if not separate:
+            console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only)")
+            where = {"placement": "shared" if cloud == EMBEDDED else "external"}
+            result["speed"] = {**speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms), **where}
+    if separate:
+        console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only; cloud on a core of its own)")
+        with separate_cores(model or CLOUD_DEFAULT) as where:
+            runs = speed(edge_model, where.pop("url"), rtt_list, k_list, max_tokens, deadline_ms)
+            result["speed"] = {**runs, **where}
     _write_atomically(out / "fusion.json", json.dumps(result, indent=2) + "\n")
     plot(result, out / "fusion.png")
     for name, modes in result["quality"].items():

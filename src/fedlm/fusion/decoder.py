@@ -5,7 +5,11 @@ the cloud's own prefix, the answer so far and the draft, sent with `echo` and to
 its next-token candidates at every position of its own tokenization. Wherever a cloud token starts exactly where an
 edge token starts (a shared text boundary) the two beliefs are fused; elsewhere the edge token stands. The first
 draft token that fusion overturns is replaced, the rest of the draft is rolled back, and the next round starts
-there. One round trip thus serves up to `lookahead` tokens, which is what hides the network. Even one draft is
+there. While the cloud reads, the edge drafts on (up to `lookahead` tokens) and stops the moment the answer is
+in; when every draft was kept, those speculative tokens are the next request, sent at once. So the cloud is never
+idle waiting for a full draft, and one round trip serves as many tokens as the edge made while it lasted: that is
+what hides the network and the cloud's own compute. After an overturn the next request leaves with a single
+fresh token, since anything drafted past the overturned one is lost anyway. Even one draft is
 scored this way: a prompt that stopped right after the answer would force a cloud token boundary there, and the
 cloud would predict from a tokenization of the text it would never have made itself.
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -105,21 +110,23 @@ class FusedDecoder:
         cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
         state = _State(decoder, len(decoder.ids), start)
         cloud = self.cloud if not isinstance(self.rule, EdgeOnly) else None
-        drafts = self._draft(decoder, self.config.max_tokens)
+        drafts = self._draft(decoder, self._fresh_budget(cloud, 0))
         while drafts:
             sent, speculative, view = "", [], None
             if cloud is not None and self._wants_cloud(drafts):
                 sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
                 asked = asyncio.create_task(self._ask_cloud(cloud, cloud_prefix + sent, result, len(drafts)))
                 room = self.config.max_tokens - len(result.tokens) - len(drafts)
-                if room > 0 and drafts[-1][0] not in self.eos_ids:  # draft on while the cloud reads: hides the RTT
-                    speculative = await asyncio.to_thread(self._draft, decoder, room)
+                if room > 0 and drafts[-1][0] not in self.eos_ids:  # draft on while the cloud reads
+                    answered = threading.Event()
+                    asked.add_done_callback(lambda _, event=answered: event.set())
+                    speculative = await asyncio.to_thread(self._draft, decoder, room, answered)
                 view, cloud = await asked  # the deadline runs inside, from when the request left
             kept_all, done = self._commit(drafts, view, sent, state, result)
             if done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens:
                 break
-            room = self.config.max_tokens - len(result.tokens)
-            drafts = speculative if kept_all and speculative else self._draft(decoder, room)
+            fresh = self._fresh_budget(cloud, len(result.tokens))
+            drafts = speculative if kept_all and speculative else self._draft(decoder, fresh)
         result.seconds = time.perf_counter() - start
         self._trim_stop(result)
         return result
@@ -152,10 +159,20 @@ class FusedDecoder:
                 return True, True
         return True, False
 
-    def _draft(self, decoder: EdgeDecoder, budget: int) -> list[tuple[int, Beliefs]]:
-        """Greedy edge tokens with the distribution each was drawn from; stops at an end token."""
+    def _fresh_budget(self, cloud: AsyncCloudClient | None, done: int) -> int:
+        """Tokens to draft before a round starts: one when a cloud will read them (more come while it reads)."""
+        room = self.config.max_tokens - done
+        return min(1, room) if cloud is not None else room
+
+    def _draft(
+        self, decoder: EdgeDecoder, budget: int, stop: threading.Event | None = None
+    ) -> list[tuple[int, Beliefs]]:
+        """Greedy edge tokens with the distribution each was drawn from; stops at an end token, or once `stop`
+        is set (the cloud has answered, so the next round can start)."""
         drafts = []
         for _ in range(min(self.config.lookahead, budget)):
+            if stop is not None and stop.is_set():
+                break
             before = decoder.next_beliefs
             token_id = int(before.local.argmax())
             drafts.append((token_id, before))

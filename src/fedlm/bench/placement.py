@@ -1,0 +1,93 @@
+"""Where the cloud model runs while fused speed is measured.
+
+A cloud LLM runs on hardware of its own. Started in the benchmark's own process it takes CPU from the edge model
+it is meant to help, and the slowdown measured is then mostly that contention, not the protocol. `separate_cores`
+emulates the real placement on one machine: the cloud is a `fedlm cloud serve` process pinned to cores of its
+own, the edge keeps the others, and the edge-only baseline is measured under the same pinning.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+
+from fedlm.cloud.service import LOOPBACK
+
+
+def _pin_process(cores: set[int]) -> None:
+    """Pin every thread of this process (the threads torch already started included) to `cores`."""
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cores)
+        except ProcessLookupError:  # a thread that has ended since the listing
+            continue
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the cloud process exited with code {process.returncode}:\n{log.read_text()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"the cloud process did not answer on {url} within {timeout_s:.0f}s")
+
+
+@contextmanager
+def separate_cores(model: str, cloud_cores: int = 1, startup_timeout_s: float = 300.0) -> Iterator[dict]:
+    """Serve `model` in a process pinned to the last `cloud_cores` cores, and pin this process to the rest.
+
+    Yields a description with the base URL (`url`) and the cores each side got. Needs Linux and at least
+    `cloud_cores + 1` usable cores; restores this process's cores and torch threads on exit.
+    """
+    import torch
+
+    if not hasattr(os, "sched_setaffinity"):
+        raise RuntimeError("separate cores need CPU affinity (Linux); use the shared placement")
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) <= cloud_cores:
+        raise RuntimeError(f"separate cores need more than {cloud_cores} usable cores, this process has {len(cores)}")
+    cloud, edge = set(cores[-cloud_cores:]), set(cores[:-cloud_cores])
+    port = _free_port()
+    root = f"http://{LOOPBACK}:{port}"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedlm-cloud-{port}.log"
+    command = [sys.executable, "-m", "fedlm", "cloud", "serve", "--model", model, "--port", str(port)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(len(cloud))}
+    saved_cores, saved_threads = set(os.sched_getaffinity(0)), torch.get_num_threads()
+    with log.open("w") as sink:
+        process = subprocess.Popen(
+            command, env=env, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cloud)
+        )
+    try:
+        _wait_healthy(process, root, log, startup_timeout_s)
+        _pin_process(edge)
+        torch.set_num_threads(len(edge))
+        yield {"placement": "separate", "url": f"{root}/v1", "edge_cores": sorted(edge), "cloud_cores": sorted(cloud)}
+    finally:
+        _pin_process(saved_cores)
+        torch.set_num_threads(saved_threads)
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.unlink(missing_ok=True)
