@@ -229,7 +229,7 @@ def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter,
     fuser = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, hidden=16)))
     fuser.config.extra["note"] = "kept"
     fuser.save(tmp_path / "fuser")
-    loaded = CacheFuser.load(tmp_path / "fuser", receiver.model, transmitter.model)
+    loaded = CacheFuser.load(tmp_path / "fuser", receiver, transmitter)
     assert loaded.config == fuser.config and not loaded.training
     assert all(
         torch.equal(a, b) for a, b in zip(fuser.state_dict().values(), loaded.state_dict().values(), strict=True)
@@ -240,7 +240,9 @@ def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter,
     )
     assert CacheFuser.load(tmp_path / "fuser", fuser.config.receiver_fingerprint, fuser.config.transmitter_fingerprint)
     with pytest.raises(FuserMismatchError, match="trained with transmitter 'tiny-transmitter'"):
-        CacheFuser.load(tmp_path / "fuser", receiver.model, transmitter_model(seed=5).model)
+        CacheFuser.load(tmp_path / "fuser", receiver, receiver_model("gemma3"))
+    with pytest.raises(FuserMismatchError, match="trained with receiver 'tiny-receiver-llama'"):
+        CacheFuser.load(tmp_path / "fuser", transmitter, transmitter)
 
 
 def test_gsm8k_pairs_are_chat_questions_with_plain_answers(receiver) -> None:

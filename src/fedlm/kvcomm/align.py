@@ -2,22 +2,21 @@
 
 Two heterogeneous models differ in depth (SmolLM2 30 layers, Gemma-3 18) and in tokenizer. Layers are paired by
 position (`last` or `depth`). Tokens are paired by character spans of the same text: each side computes its own
-spans, the transmitter sends its spans with its cache, so the receiver never needs the transmitter's tokenizer.
+spans (`wire.token_spans`) and the transmitter sends its spans with its cache, so the receiver never needs the
+transmitter's tokenizer.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from bisect import bisect_left
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Literal
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from fedlm.models.token_bytes import token_bytes_table, token_starts
+from fedlm.kvcomm.wire import token_spans
+from fedlm.models.loader import LoadedModel
 
 LayerAlign = Literal["last", "depth"]
 Span = tuple[int, int]
@@ -43,34 +42,22 @@ def layer_map(receiver_layers: int, transmitter_layers: int, mode: LayerAlign = 
     raise ValueError(f"unknown layer alignment {mode!r}: use 'last' or 'depth'")
 
 
-def token_spans(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], text: str) -> list[Span]:
-    """Character span (start, end) of each token of `ids` inside `text`.
-
-    A special token spelled out in `text` (a chat marker) spans its name; one the tokenizer added on its own (a
-    BOS) spans nothing, (p, p).
-    """
-    table = token_bytes_table(tokenizer)
-    names = tokenizer.convert_ids_to_tokens(list(ids))
-    starts, end = token_starts(((table[i], name or "") for i, name in zip(ids, names, strict=True)), text)
-    return list(zip(starts, [*starts[1:], end], strict=True))
-
-
-def context_text(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int]) -> tuple[str, list[Span]]:
+def context_text(receiver: LoadedModel, ids: Sequence[int]) -> tuple[str, list[Span]]:
     """The text a receiver's context ids spell (chat markers written out) and each token's span in it.
 
     This is the text sent to the transmitter, so both models read the very same characters.
     """
-    text = tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    spans = token_spans(tokenizer, ids, text)
+    text = receiver.tokenizer.decode(list(ids), skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    spans = token_spans(receiver, text, list(ids))
     if spans and spans[-1][1] != len(text):
         raise ValueError("the receiver's tokens do not spell out their own decoded text; cannot align by characters")
     return text, spans
 
 
-def encode_with_spans(tokenizer: PreTrainedTokenizerBase, text: str) -> tuple[list[int], list[Span]]:
+def encode_with_spans(transmitter: LoadedModel, text: str) -> tuple[list[int], list[Span]]:
     """Transmitter side: tokenise the shared text (with the tokenizer's own BOS) and return ids and spans."""
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
-    return ids, token_spans(tokenizer, ids, text)
+    ids = transmitter.tokenizer(text, add_special_tokens=True)["input_ids"]
+    return ids, token_spans(transmitter, text, ids)
 
 
 def align_tokens(receiver_spans: Sequence[Span], transmitter_spans: Sequence[Span]) -> torch.Tensor:
@@ -88,25 +75,3 @@ def align_tokens(receiver_spans: Sequence[Span], transmitter_spans: Sequence[Spa
     if any(a > b for a, b in pairwise(starts)):
         raise ValueError("transmitter spans must be in text order")
     return torch.tensor([max(bisect_left(starts, end) - 1, 0) for _, end in receiver_spans], dtype=torch.long)
-
-
-def fingerprint(model: PreTrainedModel) -> str:
-    """A short digest of a model's cache layout and weights: a fuser is only valid for the exact pair it learned.
-
-    Layout fields catch a different architecture; a strided sample of the embedding matrix catches different
-    weights of the same architecture (a fine-tuned twin) without hashing the whole model.
-    """
-    config = model.config.get_text_config(decoder=True)
-    layout = {
-        "model_type": config.model_type,
-        "layers": config.num_hidden_layers,
-        "kv_heads": config.num_key_value_heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-        "hidden": config.hidden_size,
-        "vocab": config.vocab_size,
-    }
-    embedding = model.get_input_embeddings().weight.detach()
-    sample = embedding[:: max(1, embedding.shape[0] // 256)].to(torch.float32).contiguous()
-    digest = hashlib.sha256(json.dumps(layout, sort_keys=True).encode())
-    digest.update(sample.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]

@@ -23,7 +23,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
-from fedlm.kvcomm.align import LayerAlign, fingerprint, layer_map
+from fedlm.kvcomm.align import LayerAlign, layer_map
+from fedlm.kvcomm.wire import model_fingerprint
 from fedlm.models.cache import cache_root
 from fedlm.models.loader import LoadedModel
 
@@ -73,8 +74,8 @@ class FuserConfig:
         return cls(
             receiver=receiver.name,
             transmitter=transmitter.name,
-            receiver_fingerprint=fingerprint(receiver.model),
-            transmitter_fingerprint=fingerprint(transmitter.model),
+            receiver_fingerprint=model_fingerprint(receiver),
+            transmitter_fingerprint=model_fingerprint(transmitter),
             receiver_layers=r_layers,
             transmitter_layers=t_layers,
             receiver_kv_heads=r_heads,
@@ -189,11 +190,12 @@ class CacheFuser(nn.Module):
         """What this transmitter adds to each fused receiver layer, computed from the receiver's own cache.
 
         `receiver_cache` covers exactly the context (one row per entry of `token_map`); `token_map[i]` is the
-        transmitter token paired with receiver token i. `transmitter_kv` holds (K, V) by transmitter layer id,
-        possibly a subset; receiver layers whose partner is missing get no residual. A sliding-window layer (on
-        either side) holds only its last rows, which stand for the last tokens of the context; `transmitter_len`
-        (default: the longest layer sent) says how many tokens the transmitter read, so such rows line up, and a
-        receiver token paired with a transmitter token that fell out of the window is left alone.
+        transmitter token paired with receiver token i. `transmitter_kv` holds (K, V) by transmitter layer id
+        ([batch, heads, tokens, dim], or without the batch as `KVPayload.kv` gives them), possibly a subset;
+        receiver layers whose partner is missing get no residual. A sliding-window layer (on either side) may hold
+        only its last rows, which stand for the last tokens of the context; `transmitter_len` (default: the
+        longest layer sent) says how many tokens the transmitter read, so such rows line up, and a receiver token
+        paired with a transmitter token that fell out of the window is left alone.
         """
         if receiver_cache.get_seq_length() != len(token_map):
             raise ValueError(
@@ -212,7 +214,7 @@ class CacheFuser(nn.Module):
             layer = receiver_cache.layers[r]
             rows = layer.keys.shape[-2]
             pairs = token_map[len(token_map) - rows :].to(layer.keys.device)
-            t_keys, t_values = available[t]
+            t_keys, t_values = (x if x.dim() == 4 else x[None] for x in available[t])  # a wire payload has no batch
             index = pairs - (transmitter_len - t_keys.shape[-2])  # row of each paired token in this layer
             inside = (index >= 0).to(dtype).view(1, 1, rows, 1)
             index = index.clamp(min=0)
@@ -247,12 +249,10 @@ class CacheFuser(nn.Module):
         return folder
 
     @classmethod
-    def load(
-        cls, folder: str | Path, receiver: PreTrainedModel | str, transmitter: PreTrainedModel | str
-    ) -> CacheFuser:
+    def load(cls, folder: str | Path, receiver: LoadedModel | str, transmitter: LoadedModel | str) -> CacheFuser:
         """Load a saved fuser, refusing it unless it was trained for this receiver and transmitter.
 
-        Each of `receiver`/`transmitter` is the model itself or its fingerprint (as a KV blob carries it).
+        Each of `receiver`/`transmitter` is the model itself or its `wire.model_fingerprint` (a KV blob carries it).
         """
         folder = Path(folder)
         config = FuserConfig.from_json((folder / CONFIG_FILE).read_text())
@@ -260,7 +260,7 @@ class CacheFuser(nn.Module):
             ("receiver", receiver, config.receiver_fingerprint, config.receiver),
             ("transmitter", transmitter, config.transmitter_fingerprint, config.transmitter),
         ):
-            actual = given if isinstance(given, str) else fingerprint(given)
+            actual = given if isinstance(given, str) else model_fingerprint(given)
             if actual != expected:
                 raise FuserMismatchError(
                     f"fuser in {folder} was trained with {role} {name!r} (fingerprint {expected}), "

@@ -75,8 +75,8 @@ def prepare(receiver: LoadedModel, transmitter: LoadedModel, pair: Pair, max_res
     context_ids = receiver.tokenizer(context, add_special_tokens=False)["input_ids"]
     if len(context_ids) < 2:
         raise ValueError("a context needs at least two receiver tokens")
-    text, receiver_spans = context_text(receiver.tokenizer, context_ids)
-    transmitter_ids, transmitter_spans = encode_with_spans(transmitter.tokenizer, text)
+    text, receiver_spans = context_text(receiver, context_ids)
+    transmitter_ids, transmitter_spans = encode_with_spans(transmitter, text)
     response_ids = receiver.tokenizer(response, add_special_tokens=False)["input_ids"][:max_response_tokens]
     if not response_ids:
         raise ValueError("empty response")
