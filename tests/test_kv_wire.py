@@ -6,12 +6,17 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from pathlib import Path
 
 import pytest
 import torch
+import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from typer.testing import CliRunner
 
+from fedlm.cli import app
+from fedlm.cli.kv import parse_layers
 from fedlm.kvcomm.wire import (
     FORMATS,
     KVPayload,
@@ -23,7 +28,7 @@ from fedlm.kvcomm.wire import (
     model_fingerprint,
     read_header,
 )
-from fedlm.models import LoadedModel
+from fedlm.models import CLOUD_DEFAULT, LoadedModel, load
 from fedlm.models.tiny import tiny_loaded, tiny_tokenizer
 
 TEXT = "The capital of France is Paris. The capital of Italy is Rome."  # 18 tiny tokens: past gemma's window of 6
@@ -258,3 +263,89 @@ def test_fuzz_forged_body(blob: bytes, noise: bytes) -> None:
     version, header, body = split(blob)
     with pytest.raises(KVWireError):
         decode(join(version, header, body[:8] + noise))
+
+
+# ---- the CLI: make a blob in-process, then inspect it --------------------------------------------------------
+
+
+WIDE = {"COLUMNS": "400"}  # rich wraps to the terminal: keep messages on one line
+
+
+def test_cli_encode_then_inspect(tiny_model_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "blob.kv"
+    made = CliRunner().invoke(
+        app,
+        [
+            "kv",
+            "encode",
+            "--model",
+            str(tiny_model_dir),
+            "--text",
+            TEXT,
+            "--format",
+            "int8",
+            "--layers",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
+    assert made.exit_code == 0, made.output
+    shown = CliRunner().invoke(app, ["kv", "inspect", str(out), "--json"])
+    assert shown.exit_code == 0, shown.output
+    summary = json.loads(shown.stdout)
+    assert (summary["format"], summary["layers"], summary["num_layers"], summary["text"]) == ("int8", [1], 2, TEXT)
+    assert summary["bytes_per_token"] == pytest.approx(out.stat().st_size / summary["tokens"])
+    table = CliRunner().invoke(app, ["kv", "inspect", str(out)], env=WIDE)
+    assert "bytes/token" in table.stdout and "(2, 18, 8)" in table.stdout
+
+
+def test_cli_inspect_refuses_a_bad_blob(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.kv"
+    bad.write_bytes(b"FLKV\x00\x01" + b"\x00" * 64)
+    result = CliRunner().invoke(app, ["kv", "inspect", str(bad)], env=WIDE)
+    assert result.exit_code == 2 and "not a valid KV blob" in result.output
+    assert "checksum mismatch" in result.output
+
+
+def test_cli_layers_option_is_checked() -> None:
+    assert parse_layers("0,2-4, 7") == [0, 2, 3, 4, 7]
+    with pytest.raises(typer.BadParameter, match="0,2,4 or 0-8"):
+        parse_layers("first")
+
+
+# ---- the real Gemma-3-270M: bytes per token for each wire option ---------------------------------------------
+
+REAL_PROMPT = (
+    "Question: A farmer has 17 sheep. All but 9 run away. How many sheep does the farmer have left?\n"
+    "Choices: (A) 8 (B) 9 (C) 17 (D) 26\n"
+    "Think about what 'all but 9' means: every sheep except nine of them ran off, so nine remain on the farm. "
+    "The number 17 is a distractor, and subtracting 9 from 17 answers a different question.\nAnswer:"
+)
+
+
+@pytest.mark.real
+@torch.no_grad()
+def test_real_gemma_bytes_per_token_and_cache_reuse() -> None:
+    gemma = load(CLOUD_DEFAULT, quiet=True)
+    payload = capture(gemma, REAL_PROMPT)
+    half = payload.layers[::2]
+    sizes = {
+        (fmt, subset): bytes_per_token(payload, fmt, layers)
+        for fmt in FORMATS
+        for subset, layers in (("all", None), ("half", half))
+    }
+    print(f"\nGemma-3-270M, {payload.seq_len} tokens, bytes/token:")
+    for (fmt, subset), size in sizes.items():
+        print(f"  {fmt:>5} {subset:>4} layers: {size:9,.1f}  ({size / sizes['fp16', 'all']:.3f} x fp16 all)")
+    assert sizes["int8", "half"] <= 0.3 * sizes["fp16", "all"]
+    assert any(w for w in payload.sliding_window) and None in payload.sliding_window  # sliding and global layers
+    ids = torch.tensor([payload.token_ids])
+    nxt = torch.tensor([[gemma.tokenizer.convert_tokens_to_ids("▁B")]])
+    reference = gemma.model(torch.cat([ids, nxt], dim=1)).logits[0, -1]
+    for fmt in ("fp16", "int8"):
+        cache = decode(encode(payload, fmt)).to_cache()
+        continued = gemma.model(nxt, past_key_values=cache, use_cache=True).logits[0, -1]
+        assert continued.argmax() == reference.argmax()
+        if fmt == "fp16":
+            assert torch.allclose(continued.log_softmax(-1), reference.log_softmax(-1), atol=0.05)

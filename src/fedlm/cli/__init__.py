@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from fedlm.cli import cloud, models
+from fedlm.cli import cloud, kv, models
 from fedlm.cli.bench import app as bench_app
 from fedlm.cli.demo import demo_command
 from fedlm.cli.evaluate import eval_command
@@ -21,6 +21,7 @@ app = typer.Typer(
 
 app.add_typer(models.app, name="models")
 app.add_typer(cloud.app, name="cloud")
+app.add_typer(kv.app, name="kv")
 app.command("generate")(generate_command)
 app.command("eval")(eval_command)
 app.command("demo")(demo_command)
