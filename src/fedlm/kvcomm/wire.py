@@ -204,7 +204,9 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
     for layer in cache.layers:
         if layer.is_sliding:
             layer.activate_past_recording()
-    model(input_ids=torch.tensor([token_ids], device=model.device), past_key_values=cache, use_cache=True)
+    # Only the cache is wanted: `logits_to_keep=1` skips the vocabulary projection (262k wide for Gemma) elsewhere.
+    ids = torch.tensor([token_ids], device=model.device)
+    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
     keys = [layer.keys[0].detach().cpu() for layer in cache.layers]
     values = [layer.values[0].detach().cpu() for layer in cache.layers]
     return KVPayload(
