@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
@@ -89,8 +90,10 @@ class HeteroLoraStrategy:
         nodes = [self.by_node[reply.metadata.src_node_id] for reply in replies]
         trained = [from_record(reply.content["arrays"]) for reply in replies]
         starts = [self.slice_for(node) for node in nodes]
+        similarity = None
         if self.config.cluster == "auto" and not self.state.clustered:
-            labels = choose_clusters(update_similarity(trained, starts), self.config.max_clusters)
+            similarity = update_similarity(trained, starts)
+            labels = choose_clusters(similarity, self.config.max_clusters)
             start = self.state.globals[0]
             self.state.cluster_of = {node.partition_id: int(label) for node, label in zip(nodes, labels, strict=True)}
             self.state.globals = {int(label): start for label in set(labels.tolist())}
@@ -119,7 +122,7 @@ class HeteroLoraStrategy:
             )
         clients.sort(key=lambda c: c["partition_id"])
         tasks = [c["task"] for c in clients]
-        return {
+        record = {
             "round": server_round,
             "aggregator": self.aggregator.name,
             "clients": clients,
@@ -130,6 +133,10 @@ class HeteroLoraStrategy:
             },
             "purity": purity([c["cluster"] for c in clients], tasks),
         }
+        if similarity is not None:
+            order = np.argsort([node.partition_id for node in nodes])  # rows and columns in partition order
+            record["similarity"] = similarity[np.ix_(order, order)].round(4).tolist()
+        return record
 
     def aggregate_evaluate(self, record: dict, replies: list[Message]) -> None:
         """Add each node's held-out loss of its new cluster slice ("global") to the round's record."""
