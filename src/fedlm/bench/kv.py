@@ -1,0 +1,180 @@
+"""KV-cache communication measured: receiver alone vs text-to-text vs cache-to-cache, on multiple choice.
+
+Every mode scores the same choices with the same receiver and the same code (`KVScorer`); they differ only in
+what the receiver reads before the choices: its own context (receiver alone), a hint the transmitter wrote
+(T2T), or its context cache with the transmitters' fused residuals (C2C). Latency is measured per question, end
+to end: the transmitter's request (hint generation or cache prefill and transfer), fusion, and the receiver's
+scoring of every choice. Bytes are what crossed the wire for the transmitters. Everything goes through real
+loopback HTTP services, the privacy gate included.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from itertools import groupby
+from pathlib import Path
+from typing import Any
+
+from fedlm.bench.evaluate import evaluate_mcq
+from fedlm.bench.scorers import Pair
+from fedlm.data.jsonl import McqRow
+from fedlm.kvcomm.client import TransmitterClient
+from fedlm.kvcomm.fuser import CacheFuser, default_fuser_dir
+from fedlm.kvcomm.receiver import KVReceiver, Transmitter
+from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
+from fedlm.kvcomm.wire import WireFormat, bytes_per_token, capture
+from fedlm.models import LoadedModel
+
+FORMATS: tuple[WireFormat, ...] = ("fp16", "int8", "int4")
+
+
+class KVScorer:
+    """Scores targets with the receiver; consecutive pairs that share a context share one fused (or hinted) read.
+
+    `mask` picks the transmitters whose caches are fused (none: the receiver alone); `hint` (T2T) puts a
+    transmitter's text in front of the context instead. Per context it records the seconds and the bytes.
+    """
+
+    def __init__(
+        self,
+        receiver: KVReceiver,
+        mask: Mapping[str, bool] | None = None,
+        hint: TextTransmitter | None = None,
+        name: str = "kv",
+        wire_bytes: Callable[[], int] = lambda: 0,
+    ) -> None:
+        self.receiver, self.mask, self.hint, self.name, self.wire_bytes = receiver, mask or {}, hint, name, wire_bytes
+        self.tokenizer = receiver.receiver.tokenizer
+        self.seconds: list[float] = []
+        self.bytes: list[int] = []
+
+    def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
+        out: list[float] = []
+        for context, group in groupby(pairs, key=lambda pair: pair[0]):
+            targets = [target for _, target in group]
+            out += self._score_context(context, targets)
+            if progress:
+                progress(len(targets))
+        return out
+
+    def _score_context(self, context: str, targets: list[str]) -> list[float]:
+        start, sent = time.perf_counter(), self.wire_bytes()
+        hint_bytes = 0
+        if self.hint is not None:
+            hint = self.hint.hint(context)
+            context, hint_bytes = hinted_context(context, hint.text), hint.bytes_sent + hint.bytes_received
+        ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
+        cache = self.receiver.context_cache(ids, self.mask)
+        scores = [
+            self.receiver.target_logprob(cache, ids[-1], self.tokenizer(t, add_special_tokens=False)["input_ids"])
+            for t in targets
+        ]
+        self.seconds.append(time.perf_counter() - start)
+        self.bytes.append(self.wire_bytes() - sent + hint_bytes)
+        return scores
+
+
+@dataclass(frozen=True)
+class TransmitterSpec:
+    """A transmitter for the benchmark: its model (served on loopback here) and its trained fuser's folder."""
+
+    model: LoadedModel
+    fuser_dir: Path | None = None  # default: `default_fuser_dir(receiver, model)`
+
+
+@contextmanager
+def serve_transmitters(
+    receiver: LoadedModel, specs: Sequence[TransmitterSpec], fmt: WireFormat = "fp16"
+) -> Iterator[tuple[list[Transmitter], list[TransmitterClient]]]:
+    """Each transmitter served over loopback HTTP, with a client and its fuser; everything closes with the block.
+
+    Only the transmitter layers a fuser uses are requested, so a fuser trained on a layer subset costs only that.
+    """
+    from fedlm.kvcomm.service import background_transmitter
+
+    with ExitStack() as stack:
+        transmitters, clients = [], []
+        for spec in specs:
+            folder = spec.fuser_dir or default_fuser_dir(receiver.name, spec.model.name)
+            fuser = CacheFuser.load(folder, receiver, spec.model)
+            url = stack.enter_context(background_transmitter(spec.model))
+            client = stack.enter_context(
+                TransmitterClient(url, expect_fingerprint=fuser.config.transmitter_fingerprint)
+            )
+            layers = sorted({t for t in fuser.config.layer_map if t is not None})
+
+            def send(text: str, client: TransmitterClient = client, layers: list[int] = layers) -> Any:
+                return client.encode(text, fmt, layers)[0]
+
+            transmitters.append(Transmitter(spec.model.name, fuser, send))
+            clients.append(client)
+        yield transmitters, clients
+
+
+def wire_sizes(transmitter: LoadedModel, text: str, layers: list[int]) -> dict[str, dict[str, float]]:
+    """Bytes per token of every wire format, for all layers and for the fuser's layers, on one real text."""
+    payload = capture(transmitter, text)
+    every = list(range(payload.num_layers))
+    raw = bytes_per_token(payload, "fp16", every)
+    return {
+        f"{fmt}/{name}": {
+            "bytes_per_token": round(bytes_per_token(payload, fmt, chosen), 1),
+            "ratio_to_fp16_all_layers": round(bytes_per_token(payload, fmt, chosen) / raw, 3),
+        }
+        for fmt in FORMATS
+        for name, chosen in (("all-layers", every), (f"{len(layers)}-layers", layers))
+    }
+
+
+def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Accuracy, per-question latency (p50, mean) and transmitter bytes per question of one mode."""
+    result = evaluate_mcq(rows, scorer, progress)
+    return {
+        "accuracy": round(result["accuracy"], 4),
+        "accuracy_norm": round(result["accuracy_norm"], 4),
+        "latency_p50_s": round(statistics.median(scorer.seconds), 4),
+        "latency_mean_s": round(statistics.fmean(scorer.seconds), 4),
+        "bytes_per_question": round(statistics.fmean(scorer.bytes), 1),
+        "n": len(rows),
+    }
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = list(result["modes"])
+    fig, axes = plt.subplots(1, len(datasets) + 2, figsize=(4.6 * (len(datasets) + 2), 4.2))
+    for ax, name in zip(axes, datasets, strict=False):
+        modes = result["modes"][name]
+        ax.bar(range(len(modes)), [m["accuracy"] for m in modes.values()], color="#2a7ab0")
+        ax.set_xticks(range(len(modes)), list(modes), rotation=40, ha="right")
+        ax.set_title(f"{name}: accuracy (n={next(iter(modes.values()))['n']})")
+    ax = axes[-2]
+    for name in datasets:
+        for mode, m in result["modes"][name].items():
+            ax.scatter(m["latency_p50_s"], m["accuracy"], label=f"{name}/{mode}")
+    ax.set(xlabel="latency per question, p50 (s)", ylabel="accuracy", title="accuracy vs latency")
+    ax.legend(fontsize=6)
+    ax = axes[-1]
+    sizes = result["wire"]
+    ax.bar(range(len(sizes)), [s["bytes_per_token"] for s in sizes.values()], color="#9b4dca")
+    ax.set_xticks(range(len(sizes)), list(sizes), rotation=40, ha="right")
+    ax.set(ylabel="bytes per token", title="KV wire size per option")
+    curve = result.get("learning_curve")
+    if curve and curve.get("eval_loss"):
+        inset = ax.inset_axes([0.55, 0.55, 0.42, 0.4])
+        inset.plot(curve["eval_steps"], curve["eval_loss"], marker="o", label="fused")
+        if curve.get("receiver_alone_loss") is not None:
+            inset.axhline(curve["receiver_alone_loss"], color="grey", linestyle=":", label="alone")
+        inset.set_title("held-out loss", fontsize=7)
+        inset.tick_params(labelsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

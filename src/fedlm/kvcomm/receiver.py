@@ -1,0 +1,105 @@
+"""The receiving side of KV communication: fuse what the transmitters sent, then read or score with the result.
+
+Each transmitter sends a `KVPayload` (its cache of the text it read, with its own token spans). The receiver
+prefills its context, asks each participating transmitter's fuser for residuals and sums them onto its own
+cache (C2C's residual fusion, extended to several transmitters as in FedRefine), then scores targets or
+generates from the fused cache. Tokens are paired by character spans when the transmitter read the receiver's
+very text; when it read other text (a redacted or rephrased prompt, in privacy mode), by relative position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+from fedlm.kvcomm.align import Span, align_tokens, context_text
+from fedlm.kvcomm.fuser import CacheFuser, add_residuals
+from fedlm.kvcomm.wire import KVPayload
+from fedlm.models import LoadedModel
+
+Send = Callable[[str], KVPayload]  # text -> what one transmitter sends back for it
+
+
+@dataclass(frozen=True)
+class Transmitter:
+    """One source of KV caches, with the fuser trained for it and this receiver."""
+
+    name: str
+    fuser: CacheFuser
+    send: Send
+
+
+def token_map(receiver_text: str, receiver_spans: Sequence[Span], payload: KVPayload) -> torch.Tensor:
+    """Transmitter token paired with each receiver token of `receiver_text`.
+
+    Same text: by character spans (`align_tokens`). Other text: each receiver span is scaled to the transmitter's
+    text length first, so tokens pair by relative position in the prompt.
+    """
+    if payload.text == receiver_text:
+        return align_tokens(receiver_spans, payload.spans)
+    scale = len(payload.text) / max(len(receiver_text), 1)
+    scaled = [(round(start * scale), round(end * scale)) for start, end in receiver_spans]
+    return align_tokens(scaled, payload.spans)
+
+
+class KVReceiver:
+    """The receiver model with its transmitters; `rephrase` (optional) rewrites what transmitters are sent."""
+
+    def __init__(
+        self,
+        receiver: LoadedModel,
+        transmitters: Sequence[Transmitter],
+        rephrase: Callable[[str], str] | None = None,
+    ) -> None:
+        self.receiver, self.transmitters, self.rephrase = receiver, list(transmitters), rephrase
+        self.received: dict[str, int] = {}  # transmitter -> payload tokens received, for accounting
+
+    @torch.no_grad()
+    def context_cache(self, context_ids: Sequence[int], mask: Mapping[str, bool] | None = None) -> DynamicCache:
+        """The receiver's cache of context[:-1] with the residuals of every transmitter that `mask` lets in.
+
+        The last context token is left out (and read with the target) so that the first target token is predicted
+        by a query that attends to the fused cache, as in training.
+        """
+        if len(context_ids) < 2:
+            raise ValueError("a context needs at least two receiver tokens")
+        own = self.receiver.model(input_ids=torch.tensor([list(context_ids[:-1])]), use_cache=True, logits_to_keep=1)
+        cache = own.past_key_values
+        active = [t for t in self.transmitters if mask is None or mask.get(t.name, False)]
+        if not active:
+            return cache
+        text, spans = context_text(self.receiver, context_ids)
+        sent = self.rephrase(text) if self.rephrase else text
+        residuals = []
+        for transmitter in active:
+            payload = transmitter.send(sent)
+            self.received[transmitter.name] = self.received.get(transmitter.name, 0) + payload.seq_len
+            pairs = token_map(text, spans, payload)[:-1]
+            kv = {layer: payload.kv(layer) for layer in payload.layers}
+            residuals.append(transmitter.fuser.residuals(cache, kv, pairs, payload.seq_len))
+        return add_residuals(cache, residuals)
+
+    @torch.no_grad()
+    def target_logprob(self, cache: DynamicCache, last_context_id: int, target_ids: Sequence[int]) -> float:
+        """Summed log-probability of `target_ids` after the context whose cache (minus its last token) is given."""
+        inputs = torch.tensor([[last_context_id, *target_ids[:-1]]])
+        logits = self.receiver.model(input_ids=inputs, past_key_values=add_residuals(cache, []), use_cache=True).logits
+        logprobs = logits[0].float().log_softmax(-1)
+        return float(logprobs[torch.arange(len(target_ids)), torch.tensor(target_ids)].sum())
+
+    @torch.no_grad()
+    def generate(self, context_ids: Sequence[int], max_tokens: int, mask: Mapping[str, bool] | None = None) -> str:
+        """Greedy answer from the fused context cache; the tokens it generates are the receiver's own."""
+        cache = add_residuals(self.context_cache(context_ids, mask), [])
+        eos = set(self.receiver.eos_ids)
+        token, out = context_ids[-1], []
+        for _ in range(max_tokens):
+            logits = self.receiver.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            token = int(logits.logits[0, -1].argmax())
+            if token in eos:
+                break
+            out.append(token)
+        return self.receiver.tokenizer.decode(out, skip_special_tokens=True)

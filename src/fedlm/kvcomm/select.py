@@ -1,0 +1,72 @@
+"""Which transmitters to ask, within a latency and bandwidth budget (QoS-aware selection).
+
+Every transmitter costs time (its link's round trip, its prefill, and its blob over the link's measured speed) and
+bytes, and brings an estimated value (how much its fuser lowered the receiver's held-out loss in training).
+Transmitters are asked in parallel, so a subset's latency is its slowest member's and its bytes are the sum. With
+the handful of transmitters a receiver knows, every subset is tried: the answer is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import combinations
+
+MAX_CANDIDATES = 12  # 4096 subsets: exhaustive search stays instant
+
+
+@dataclass(frozen=True)
+class LinkEstimate:
+    """What the receiver has measured about one transmitter, and what it expects the transmitter to add."""
+
+    name: str
+    value: float  # expected benefit, e.g. held-out loss reduction (nats/token) of its fuser; <= 0 is never worth it
+    rtt_s: float  # round trip plus the transmitter's prefill, measured on a small request
+    bytes_per_s: float  # measured transfer speed of the link
+    bytes_per_token: float  # of the wire format and layer subset the transmitter will use
+
+    def cost(self, tokens: int) -> tuple[float, float]:
+        """(seconds, bytes) to receive this transmitter's cache of `tokens` context tokens."""
+        size = self.bytes_per_token * tokens
+        return self.rtt_s + size / self.bytes_per_s, size
+
+
+@dataclass(frozen=True)
+class Selection:
+    names: tuple[str, ...]
+    value: float
+    seconds: float
+    bytes: float
+
+    def mask(self, candidates: list[LinkEstimate]) -> dict[str, bool]:
+        """The participation mask: True for each chosen transmitter."""
+        return {c.name: c.name in self.names for c in candidates}
+
+
+def select(
+    candidates: list[LinkEstimate], tokens: int, latency_budget_s: float, byte_budget: float = float("inf")
+) -> Selection:
+    """The subset with the most total value whose parallel latency and total bytes fit the budgets.
+
+    Ties go to the faster, then smaller subset. The empty selection (receiver alone) always fits.
+    """
+    if len(candidates) > MAX_CANDIDATES:
+        raise ValueError(f"at most {MAX_CANDIDATES} transmitters can be weighed, got {len(candidates)}")
+    if len({c.name for c in candidates}) != len(candidates):
+        raise ValueError("transmitter names must be distinct")
+    if tokens < 0 or latency_budget_s < 0 or byte_budget < 0:
+        raise ValueError("tokens and budgets must be non-negative")
+    for c in candidates:
+        if c.bytes_per_s <= 0 or c.rtt_s < 0 or c.bytes_per_token < 0:
+            raise ValueError(f"transmitter {c.name!r}: link speed must be positive and costs non-negative")
+    best = Selection((), 0.0, 0.0, 0.0)
+    useful = [c for c in candidates if c.value > 0]
+    for size in range(1, len(useful) + 1):
+        for subset in combinations(useful, size):
+            costs = [c.cost(tokens) for c in subset]
+            seconds, total = max(s for s, _ in costs), sum(b for _, b in costs)
+            if seconds > latency_budget_s or total > byte_budget:
+                continue
+            option = Selection(tuple(c.name for c in subset), sum(c.value for c in subset), seconds, total)
+            if (option.value, -option.seconds, -option.bytes) > (best.value, -best.seconds, -best.bytes):
+                best = option
+    return best

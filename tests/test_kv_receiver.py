@@ -1,0 +1,155 @@
+"""The receiving side of KV communication on tiny models: fusion of several transmitters, masks, QoS selection,
+the T2T baseline, and one scorer for every mode."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlm.bench.evaluate import mcq_context
+from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, wire_sizes
+from fedlm.bench.scorers import LocalScorer
+from fedlm.cloud.client import CloudClient
+from fedlm.data.jsonl import McqRow
+from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
+from fedlm.kvcomm.receiver import KVReceiver, Transmitter, token_map
+from fedlm.kvcomm.select import LinkEstimate, select
+from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
+from fedlm.kvcomm.wire import capture
+from fedlm.models import LoadedModel
+
+PAIRS = [("Question: What is the capital of France?\nAnswer:", t) for t in (" Paris", " Rome", " Berlin")]
+
+
+def _fuser(receiver: LoadedModel, transmitter: LoadedModel, seed: int | None) -> CacheFuser:
+    """A fuser; with a seed its zero-initialised output layers get random weights, so it changes the cache."""
+    fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=16))
+    if seed is not None:
+        torch.manual_seed(seed)
+        for layer in fuser.layers.values():
+            for projector in (layer.key, layer.value):
+                torch.nn.init.normal_(projector.mlp[-1].weight, std=0.5)
+    return fuser.eval()
+
+
+def _transmitter(name: str, fuser: CacheFuser, model: LoadedModel) -> Transmitter:
+    return Transmitter(name, fuser, lambda text: capture(model, text))
+
+
+def test_an_untrained_fuser_leaves_the_receiver_exactly_as_it_was(tiny_llama: LoadedModel, tiny_gemma: LoadedModel):
+    alone = KVScorer(KVReceiver(tiny_llama, []))
+    fused = KVScorer(
+        KVReceiver(tiny_llama, [_transmitter("t", _fuser(tiny_llama, tiny_gemma, None), tiny_gemma)]), {"t": True}
+    )
+    assert alone.score(PAIRS) == pytest.approx(fused.score(PAIRS), abs=1e-6)
+
+
+def test_the_receiver_alone_scores_as_fedlm_eval_does(tiny_llama: LoadedModel) -> None:
+    """Receiver alone through the KV path (context cache, then the target) equals the edge scorer's reading."""
+    ours = KVScorer(KVReceiver(tiny_llama, [])).score(PAIRS)
+    assert ours == pytest.approx(LocalScorer(tiny_llama).score(PAIRS), abs=1e-4)
+
+
+def test_transmitters_add_up_and_the_mask_leaves_them_out(tiny_llama: LoadedModel, tiny_gemma: LoadedModel) -> None:
+    a = _transmitter("a", _fuser(tiny_llama, tiny_gemma, 1), tiny_gemma)
+    b = _transmitter("b", _fuser(tiny_llama, tiny_gemma, 2), tiny_gemma)
+    receiver = KVReceiver(tiny_llama, [a, b])
+    ids = tiny_llama.tokenizer(PAIRS[0][0], add_special_tokens=True)["input_ids"]
+    caches = {key: receiver.context_cache(ids, {"a": "a" in key, "b": "b" in key}) for key in ("", "a", "b", "ab")}
+    assert receiver.received == {
+        "a": 2 * len(capture(tiny_gemma, PAIRS[0][0]).token_ids),
+        "b": 2 * len(capture(tiny_gemma, PAIRS[0][0]).token_ids),
+    }
+    changed = 0
+    for layer in range(len(caches[""].layers)):
+        base = caches[""].layers[layer].keys
+        both = caches["ab"].layers[layer].keys
+        expected = base + (caches["a"].layers[layer].keys - base) + (caches["b"].layers[layer].keys - base)
+        torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
+        changed += int(not torch.equal(caches["a"].layers[layer].keys, base))
+    assert changed > 0  # the seeded fusers do move the cache
+    masked = KVScorer(receiver, {"a": False, "b": False}).score(PAIRS)
+    assert masked == pytest.approx(KVScorer(KVReceiver(tiny_llama, [])).score(PAIRS), abs=1e-6)
+    assert KVScorer(receiver, {"a": True}).score(PAIRS) != pytest.approx(masked, abs=1e-4)
+
+
+def test_tokens_pair_by_relative_position_when_the_transmitter_read_other_text(tiny_gemma: LoadedModel) -> None:
+    text = "Question: What is the capital of France?\nAnswer:"
+    spans = [(i, i + 1) for i in range(len(text))]  # one receiver token per character
+    same = token_map(text, spans, capture(tiny_gemma, text))
+    other = capture(tiny_gemma, "Which city is the French capital? Answer:")
+    moved = token_map(text, spans, other)
+    assert same.tolist() == sorted(same.tolist()) and moved.tolist() == sorted(moved.tolist())
+    assert moved[0] == 0 and moved[-1] == len(other.token_ids) - 1  # the ends meet the ends
+
+
+def test_t2t_puts_the_transmitters_hint_in_front(tiny_llama: LoadedModel, tiny_url: str) -> None:
+    with CloudClient(tiny_url) as client:
+        transmitter = TextTransmitter(client, max_tokens=6)
+        hint = transmitter.hint(PAIRS[0][0])
+        scorer = KVScorer(KVReceiver(tiny_llama, []), hint=transmitter)
+        scores = scorer.score(PAIRS)
+    hinted = [(hinted_context(c, hint.text), t) for c, t in PAIRS]
+    assert scores == pytest.approx(LocalScorer(tiny_llama).score(hinted), abs=1e-4)
+    assert hint.bytes_sent > 0 and hint.bytes_received > 0 and scorer.bytes[0] > 0
+    assert hinted_context("Q", "  ") == "Q"
+
+
+def test_fusion_over_http_matches_fusion_in_process(
+    tiny_llama: LoadedModel, tiny_gemma: LoadedModel, tmp_path: Path
+) -> None:
+    fuser = _fuser(tiny_llama, tiny_gemma, 3)
+    fuser.save(tmp_path / "fuser")
+    local = KVScorer(
+        KVReceiver(tiny_llama, [_transmitter(tiny_gemma.name, fuser, tiny_gemma)]), {tiny_gemma.name: True}
+    )
+    with serve_transmitters(tiny_llama, [TransmitterSpec(tiny_gemma, tmp_path / "fuser")]) as (transmitters, clients):
+        remote = KVScorer(
+            KVReceiver(tiny_llama, transmitters),
+            {tiny_gemma.name: True},
+            wire_bytes=lambda: clients[0].traffic.bytes_received,
+        )
+        scores = remote.score(PAIRS)
+    assert scores == pytest.approx(local.score(PAIRS), abs=1e-2)  # fp16 on the wire
+    assert remote.bytes[0] > 0
+    sizes = wire_sizes(tiny_gemma, PAIRS[0][0], [1])
+    assert sizes["int8/1-layers"]["bytes_per_token"] < sizes["int8/all-layers"]["bytes_per_token"]
+    assert (
+        sizes["int4/all-layers"]["bytes_per_token"]
+        < sizes["int8/all-layers"]["bytes_per_token"]
+        < sizes["fp16/all-layers"]["bytes_per_token"]
+    )
+
+
+def _link(name: str, value: float, rtt_s: float, bytes_per_token: float) -> LinkEstimate:
+    return LinkEstimate(name, value, rtt_s, bytes_per_s=1e6, bytes_per_token=bytes_per_token)
+
+
+def test_selection_takes_the_most_value_that_fits_the_budgets() -> None:
+    # at 100 tokens: a costs 0.1 + 0.1 = 0.2 s and 100 kB; b 0.05 + 0.05 = 0.1 s and 50 kB; c 0.6 s
+    links = [
+        _link("a", 0.3, 0.1, 1000),
+        _link("b", 0.2, 0.05, 500),
+        _link("c", 0.9, 0.5, 1000),
+        _link("d", 0.0, 0.0, 1),
+    ]
+    assert select(links, 100, latency_budget_s=0.25).names == ("a", "b")  # parallel: the slower one's 0.2 s
+    assert select(links, 100, latency_budget_s=0.25, byte_budget=120_000).names == ("a",)
+    assert select(links, 100, latency_budget_s=0.15).names == ("b",)
+    assert select(links, 100, latency_budget_s=1.0).names == ("a", "b", "c")  # d adds nothing, so it is not asked
+    nothing = select(links, 100, latency_budget_s=0.01)
+    assert nothing.names == () and nothing.mask(links) == {"a": False, "b": False, "c": False, "d": False}
+    assert select(links, 100, 0.25).mask(links) == {"a": True, "b": True, "c": False, "d": False}
+    with pytest.raises(ValueError, match="distinct"):
+        select([links[0], links[0]], 100, 1.0)
+    with pytest.raises(ValueError, match="link speed"):
+        select([LinkEstimate("x", 1.0, 0.1, 0.0, 1.0)], 100, 1.0)
+
+
+def test_mcq_rows_score_through_the_shared_metric(tiny_llama: LoadedModel) -> None:
+    from fedlm.bench.kv import run_mode
+
+    rows = [McqRow(question="What is the capital of France?", choices=["Paris", "Rome", "Berlin"], answer=0)]
+    result = run_mode(rows, KVScorer(KVReceiver(tiny_llama, [])))
+    assert result["n"] == 1 and result["accuracy"] in (0.0, 1.0) and result["latency_p50_s"] > 0
+    assert mcq_context(rows[0]) == PAIRS[0][0]
