@@ -153,3 +153,32 @@ def test_mcq_rows_score_through_the_shared_metric(tiny_llama: LoadedModel) -> No
     result = run_mode(rows, KVScorer(KVReceiver(tiny_llama, [])))
     assert result["n"] == 1 and result["accuracy"] in (0.0, 1.0) and result["latency_p50_s"] > 0
     assert mcq_context(rows[0]) == PAIRS[0][0]
+
+
+def test_cli_eval_kv_and_t2t(tiny_model_dir: Path, tiny_url: str, tmp_path: Path) -> None:
+    """`fedlm eval --mode kv` with an untrained (identity) fuser scores exactly as the edge; t2t reads a hint."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedlm.cli import app
+    from fedlm.models import load
+
+    model = load(str(tiny_model_dir), quiet=True)
+    CacheFuser(FuserConfig.for_pair(model, model, hidden=8)).save(tmp_path / "fuser")
+    data = Path(__file__).parent.parent / "examples" / "mcq.jsonl"
+    common = ["eval", "--task", "mcq", "--data", str(data), "--edge", str(tiny_model_dir), "--limit", "4", "--json"]
+    runner = CliRunner()
+    edge = runner.invoke(app, [*common, "--mode", "edge"])
+    kv = runner.invoke(
+        app, [*common, "--mode", "kv", "--transmitter", str(tiny_model_dir), "--fuser", str(tmp_path / "fuser")]
+    )
+    t2t = runner.invoke(app, [*common, "--mode", "t2t", "--cloud", tiny_url])
+    assert edge.exit_code == kv.exit_code == t2t.exit_code == 0, kv.output + t2t.output
+    e, k, t = (json.loads(r.stdout) for r in (edge, kv, t2t))
+    assert k["mode"] == "kv" and t["mode"] == "t2t" and k["n"] == t["n"] == 4
+    assert k["accuracy"] == e["accuracy"] and k["bytes_per_text"] > 0
+    missing = runner.invoke(
+        app, [*common, "--mode", "kv", "--transmitter", str(tiny_model_dir), "--fuser", str(tmp_path)]
+    )
+    assert missing.exit_code == 2 and "no trained fuser" in missing.output

@@ -19,8 +19,9 @@ from itertools import groupby
 from pathlib import Path
 from typing import Any
 
-from fedlm.bench.evaluate import evaluate_mcq
+from fedlm.bench.evaluate import evaluate_mcq, mcq_context
 from fedlm.bench.scorers import Pair
+from fedlm.cloud.client import CloudClient
 from fedlm.data.jsonl import McqRow
 from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.fuser import CacheFuser, default_fuser_dir
@@ -78,12 +79,18 @@ class KVScorer:
         return scores
 
 
+def trained_fuser_dir(receiver: str, transmitter: str, task: str = "plays") -> Path:
+    """Where `fedlm kv train --data TASK` keeps the fuser of a model pair, and where eval and bench look for it."""
+    folder = default_fuser_dir(receiver, transmitter)
+    return folder.with_name(f"{folder.name}--{task}")
+
+
 @dataclass(frozen=True)
 class TransmitterSpec:
     """A transmitter for the benchmark: its model (served on loopback here) and its trained fuser's folder."""
 
     model: LoadedModel
-    fuser_dir: Path | None = None  # default: `default_fuser_dir(receiver, model)`
+    fuser_dir: Path | None = None  # default: `trained_fuser_dir(receiver, model)`
 
 
 @contextmanager
@@ -99,7 +106,7 @@ def serve_transmitters(
     with ExitStack() as stack:
         transmitters, clients = [], []
         for spec in specs:
-            folder = spec.fuser_dir or default_fuser_dir(receiver.name, spec.model.name)
+            folder = spec.fuser_dir or trained_fuser_dir(receiver.name, spec.model.name)
             fuser = CacheFuser.load(folder, receiver, spec.model)
             url = stack.enter_context(background_transmitter(spec.model))
             client = stack.enter_context(
@@ -178,3 +185,87 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+@dataclass(frozen=True)
+class KVBenchConfig:
+    hint_tokens: int = 24
+    private_rows: int = 20  # questions also run with every transmitter prompt rephrased on the device
+    quantized: WireFormat = "int8"
+
+
+def run_benchmark(
+    receiver: LoadedModel,
+    specs: Sequence[TransmitterSpec],
+    datasets: Mapping[str, list[McqRow]],
+    config: KVBenchConfig,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    """Every mode on every dataset, the wire sizes, and the first fuser's learning curve.
+
+    Modes: `receiver`; `t2t` (a hint from the first transmitter's model); `c2c-1` (first transmitter, fp16);
+    `c2c-<fmt>` (the same over the quantized wire); `c2c-2` (first two transmitters, when given);
+    `c2c-1-private` (first transmitter reads a device-side rephrasing, on the first `private_rows` questions).
+    """
+    from fedlm.cloud.engine import Engine
+    from fedlm.cloud.service import background_service
+    from fedlm.privacy.rephrase import SlmRewriter
+
+    first = specs[0]
+    alone = KVReceiver(receiver, [])
+    modes: dict[str, dict[str, Any]] = {name: {} for name in datasets}
+    with background_service(Engine(first.model)) as url, CloudClient(url) as cloud:
+        hint = TextTransmitter(cloud, config.hint_tokens)
+        for name, rows in datasets.items():
+            progress(f"{name}: receiver alone, then T2T ({len(rows)} questions)")
+            modes[name]["receiver"] = run_mode(rows, KVScorer(alone))
+            modes[name]["t2t"] = run_mode(rows, KVScorer(alone, hint=hint))
+    for fmt in ("fp16", config.quantized):
+        with serve_transmitters(receiver, specs, fmt) as (transmitters, clients):
+            names = [t.name for t in transmitters]
+
+            def received(clients: list[TransmitterClient] = clients) -> int:
+                return sum(c.traffic.bytes_received + c.traffic.bytes_sent for c in clients)
+
+            kv = KVReceiver(receiver, transmitters)
+            for name, rows in datasets.items():
+                label = "c2c-1" if fmt == "fp16" else f"c2c-1-{fmt}"
+                progress(f"{name}: {label} ({names[0]})")
+                modes[name][label] = run_mode(rows, KVScorer(kv, {names[0]: True}, wire_bytes=received))
+                if fmt == "fp16" and len(names) > 1:
+                    progress(f"{name}: c2c-2 ({names[0]} + {names[1]})")
+                    both = {names[0]: True, names[1]: True}
+                    modes[name]["c2c-2"] = run_mode(rows, KVScorer(kv, both, wire_bytes=received))
+                if fmt == "fp16" and config.private_rows:
+                    progress(f"{name}: c2c-1-private ({config.private_rows} questions, rephrased on the device)")
+                    private = KVReceiver(receiver, transmitters, rephrase=SlmRewriter(receiver.name))
+                    scorer = KVScorer(private, {names[0]: True}, wire_bytes=received)
+                    modes[name]["c2c-1-private"] = run_mode(rows[: config.private_rows], scorer)
+    fuser = CacheFuser.load(
+        first.fuser_dir or trained_fuser_dir(receiver.name, first.model.name), receiver, first.model
+    )
+    layers = sorted({t for t in fuser.config.layer_map if t is not None})
+    sample = next(iter(datasets.values()))[0]
+    return {
+        "receiver": receiver.name,
+        "transmitters": [s.model.name for s in specs],
+        "modes": modes,
+        "wire": wire_sizes(first.model, mcq_context(sample), layers),
+        "fuser": {k: v for k, v in fuser.config.extra.items() if k != "curve"},
+        "learning_curve": fuser.config.extra.get("curve"),
+        "summary": summarize(modes, config.quantized),
+    }
+
+
+def summarize(modes: Mapping[str, Mapping[str, Mapping[str, Any]]], quantized: str) -> dict[str, Any]:
+    """The issue's targets per dataset: C2C against receiver alone and T2T, latency ratio, quantized loss."""
+    out = {}
+    for name, m in modes.items():
+        c2c = m["c2c-1"]
+        out[name] = {
+            "c2c_minus_receiver_points": round(100 * (c2c["accuracy"] - m["receiver"]["accuracy"]), 1),
+            "c2c_minus_t2t_points": round(100 * (c2c["accuracy"] - m["t2t"]["accuracy"]), 1),
+            "c2c_latency_over_t2t": round(c2c["latency_p50_s"] / m["t2t"]["latency_p50_s"], 3),
+            f"{quantized}_loss_points": round(100 * (c2c["accuracy"] - m[f"c2c-1-{quantized}"]["accuracy"]), 1),
+        }
+    return out

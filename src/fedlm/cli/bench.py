@@ -208,3 +208,72 @@ def fusion(
     console.print(
         f"edge-only {result['speed']['edge_tokens_per_s']} tok/s; wrote {out / 'fusion.json'} and {out / 'fusion.png'}"
     )
+
+
+@app.command()
+def kv(
+    receiver: str = typer.Option("smollm2-135m-instruct", "--receiver", help="The model that answers."),
+    transmitter: str = typer.Option("gemma3-270m", "--transmitter", help="The first transmitter (also T2T's)."),
+    fuser: Path | None = typer.Option(
+        None, "--fuser", help="Its trained fuser (default: where `fedlm kv train` puts it)."
+    ),
+    second: str | None = typer.Option(
+        None, "--second-transmitter", help="A second transmitter for c2c-2: a model, or MODEL+ADAPTER_DIR (merged)."
+    ),
+    second_fuser: Path | None = typer.Option(None, "--second-fuser", help="The second transmitter's fuser folder."),
+    mcq: Path = typer.Option(Path("examples/mcq.jsonl"), "--mcq", help="Shipped MCQ rows."),
+    heldout_rows: int = typer.Option(60, "--heldout-rows", min=0, help="Held-out which-play questions (0: skip)."),
+    private_rows: int = typer.Option(20, "--private-rows", min=0, help="Questions also run in privacy mode."),
+    hint_tokens: int = typer.Option(24, "--hint-tokens", min=1, help="Length of the T2T hint."),
+    out: Path = typer.Option(Path("runs/bench-kv"), "--out", help="Folder for kv.json and kv.png."),
+) -> None:
+    """Receiver alone vs T2T vs C2C (1 and 2 transmitters, quantized wire, privacy mode) on MCQ; KV bytes/token."""
+    from rich.console import Console
+
+    from fedlm.bench.kv import KVBenchConfig, TransmitterSpec, plot, run_benchmark, trained_fuser_dir
+    from fedlm.data.jsonl import DataError, McqRow, read_rows
+    from fedlm.data.plays import play_questions
+    from fedlm.models import load
+    from fedlm.models.loader import with_adapter
+
+    try:
+        datasets = {"mcq": read_rows(mcq, McqRow)}
+    except DataError as err:
+        raise typer.BadParameter(str(err), param_hint="--mcq") from err
+    if heldout_rows:
+        datasets["plays-heldout"] = play_questions(heldout_rows)
+    console = Console()
+    r = load(receiver)
+    first = load(transmitter)
+    specs = [TransmitterSpec(first, fuser or trained_fuser_dir(r.name, first.name))]
+    if second:
+        name, _, adapter = second.partition("+")
+        model = load(name)
+        try:
+            model = with_adapter(model, adapter, merge=True) if adapter else model
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--second-transmitter") from err
+        specs.append(TransmitterSpec(model, second_fuser))
+    for spec in specs:
+        folder = spec.fuser_dir or trained_fuser_dir(r.name, spec.model.name)
+        if not (folder / "fuser_config.json").is_file():
+            raise typer.BadParameter(
+                f"no trained fuser in {folder}: run `fedlm kv train --transmitter {spec.model.name} --out {folder}`",
+                param_hint="--fuser",
+            )
+    config = KVBenchConfig(hint_tokens=hint_tokens, private_rows=private_rows)
+    result = run_benchmark(r, specs, datasets, config, lambda line: console.print(f"[bold]bench kv[/]: {line}"))
+    _write_atomically(out / "kv.json", json.dumps(result, indent=2) + "\n")
+    plot(result, out / "kv.png")
+    for name, modes in result["modes"].items():
+        for mode, m in modes.items():
+            console.print(
+                f"{name:>14} {mode:<14} accuracy {m['accuracy']:.3f} (n={m['n']}), latency p50 "
+                f"{m['latency_p50_s'] * 1000:.0f} ms, {m['bytes_per_question']:,.0f} bytes/question"
+            )
+    for option, size in result["wire"].items():
+        console.print(
+            f"wire {option:<16} {size['bytes_per_token']:>9,.1f} bytes/token ({size['ratio_to_fp16_all_layers']:.3f}x)"
+        )
+    console.print(f"summary: {json.dumps(result['summary'])}")
+    console.print(f"wrote {out / 'kv.json'} and {out / 'kv.png'}")

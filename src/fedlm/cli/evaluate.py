@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from contextlib import ExitStack
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -12,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from fedlm.cli.options import ApiKey, Cloud, CloudModel, Edge, Json, api_key_or_env, cloud_url
+from fedlm.models import CLOUD_DEFAULT
 
 
 class Task(StrEnum):
@@ -23,6 +27,8 @@ class Mode(StrEnum):
     edge = "edge"
     cloud = "cloud"
     fused = "fused"
+    kv = "kv"
+    t2t = "t2t"
 
 
 def eval_command(
@@ -33,21 +39,33 @@ def eval_command(
     mode: Mode = typer.Option(
         Mode.edge,
         "--mode",
-        help="edge: the edge model in process; cloud: the cloud model through its HTTP API; fused: both, fused.",
+        help="edge: the edge model in process; cloud: the cloud model through its HTTP API; fused: both, fused; "
+        "kv: the edge reads its context with the transmitter's KV cache fused in (C2C); t2t: the edge reads a hint "
+        "the cloud model wrote.",
     ),
     edge: str = Edge,
     cloud: str = Cloud,
     cloud_model: str | None = CloudModel,
     fusion: str = typer.Option("router", "--fusion", help="Fusion rule for --mode fused: router|linear|proxy|route."),
+    transmitter: str = typer.Option(
+        CLOUD_DEFAULT, "--transmitter", help="--mode kv: the transmitter model, served on loopback."
+    ),
+    fuser: Path | None = typer.Option(
+        None, "--fuser", help="--mode kv: the trained fuser folder (default: <cache>/fusers/EDGE--TRANSMITTER--plays)."
+    ),
     api_key: str | None = ApiKey,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N rows."),
     as_json: bool = Json,
 ) -> None:
     """Score a JSONL file with the edge model or the cloud model."""
     from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq
+    from fedlm.bench.kv import KVScorer
     from fedlm.bench.scorers import CloudScorer, FusedScorer, LocalScorer
+    from fedlm.cloud.client import CloudClient
     from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
     from fedlm.fusion.rules import make_rule
+    from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.kvcomm.t2t import TextTransmitter
     from fedlm.models import UnknownModelError, load
 
     try:
@@ -78,10 +96,17 @@ def eval_command(
             if mode is Mode.edge:
                 scorer = LocalScorer(load(edge, quiet=as_json))
                 result = run(rows, scorer, advance)
+            elif mode is Mode.kv:
+                result, scorer = _kv(rows, run, advance, edge, transmitter, fuser, as_json)
             else:
-                with cloud_url(cloud, cloud_model, quiet=as_json) as (url, model):
+                with ExitStack() as stack:
+                    url, model = stack.enter_context(cloud_url(cloud, cloud_model, quiet=as_json))
                     if mode is Mode.cloud:
                         scorer = CloudScorer(url, api_key_or_env(api_key), model)
+                    elif mode is Mode.t2t:
+                        hints = stack.enter_context(CloudClient(url, api_key_or_env(api_key), model=model))
+                        receiver = KVReceiver(load(edge, quiet=as_json), [])
+                        scorer = KVScorer(receiver, hint=TextTransmitter(hints), name=f"{edge}+t2t:{model or url}")
                     else:
                         scorer = FusedScorer(load(edge, quiet=as_json), rule, url, api_key_or_env(api_key), model)
                     result = run(rows, scorer, advance)
@@ -99,3 +124,40 @@ def eval_command(
     for key, value in report.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     Console().print(table)
+
+
+def _kv(
+    rows: list,
+    run: Callable,
+    advance: Callable[[int], None],
+    edge: str,
+    transmitter: str,
+    fuser: Path | None,
+    quiet: bool,
+) -> tuple[dict, Any]:
+    """--mode kv: the transmitter served on loopback, its cache fused into the edge's context through `fuser`."""
+    from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, trained_fuser_dir
+    from fedlm.kvcomm.fuser import FuserMismatchError
+    from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.models import load
+
+    receiver, sender = load(edge, quiet=quiet), load(transmitter, quiet=quiet)
+    folder = fuser or trained_fuser_dir(receiver.name, sender.name)
+    if not (folder / "fuser_config.json").is_file():
+        raise typer.BadParameter(
+            f"no trained fuser in {folder}: run `fedlm kv train --receiver {edge} --transmitter {transmitter}`",
+            param_hint="--fuser",
+        )
+    try:
+        with serve_transmitters(receiver, [TransmitterSpec(sender, folder)]) as (transmitters, clients):
+            scorer = KVScorer(
+                KVReceiver(receiver, transmitters),
+                {sender.name: True},
+                name=f"{edge}+kv:{transmitter}",
+                wire_bytes=lambda: clients[0].traffic.bytes_received + clients[0].traffic.bytes_sent,
+            )
+            result = run(rows, scorer, advance)
+    except FuserMismatchError as err:
+        raise typer.BadParameter(str(err), param_hint="--fuser") from err
+    result["bytes_per_text"] = round(sum(scorer.bytes) / max(len(scorer.bytes), 1), 1)
+    return result, scorer

@@ -78,18 +78,12 @@ def generate_command(
 
 
 def _with_adapter(loaded: Any, adapter: str) -> Any:
-    from pathlib import Path
+    from fedlm.models.loader import with_adapter
 
-    from fedlm.models import LoadedModel
-
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise typer.BadParameter(
-            f"{adapter!r} is not a PEFT adapter folder (no adapter_config.json)", param_hint="--adapter"
-        )
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(loaded.model, adapter).eval()
-    return LoadedModel(f"{loaded.name}+{Path(adapter).name}", model, loaded.tokenizer, loaded.load_seconds)
+    try:
+        return with_adapter(loaded, adapter)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--adapter") from err
 
 
 def _report(result: FusionResult, as_json: bool, cloud: str, fusion: str) -> None:

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlm.cli.options import Json
-from fedlm.models import CLOUD_DEFAULT
+from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
 
 app = typer.Typer(help="KV-cache communication: transmitter service and wire blobs.", no_args_is_help=True)
 
@@ -141,3 +141,87 @@ def inspect(
             str(entry.sliding_window or "-"),
         )
     console.print(table)
+
+
+class TrainData(StrEnum):
+    plays = "plays"
+    gsm8k = "gsm8k"
+
+
+@app.command()
+def train(
+    receiver: str = typer.Option(EDGE_DEFAULT, "--receiver", help="The model whose cache is fused into."),
+    transmitter: str = typer.Option(CLOUD_DEFAULT, "--transmitter", help="The model whose cache is sent."),
+    data: TrainData = typer.Option(
+        TrainData.plays,
+        "--data",
+        help="plays: which-play questions (train split) with their answers; gsm8k: questions with worked answers.",
+    ),
+    train_rows: int = typer.Option(1200, "--train-rows", min=1, help="Training pairs."),
+    heldout_rows: int = typer.Option(40, "--heldout-rows", min=0, help="Held-out pairs for the learning curve."),
+    steps: int = typer.Option(300, "--steps", min=1),
+    accumulate: int = typer.Option(4, "--accumulate", min=1, help="Pairs per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr", min=0.0),
+    hidden: int = typer.Option(256, "--hidden", min=1, help="Width of each projector's MLP."),
+    align: str = typer.Option("last", "--align", help="Layer alignment: last or depth."),
+    transmitter_layers: str | None = typer.Option(
+        None,
+        "--transmitter-layers",
+        help="Transmitter layers the fuser reads, e.g. 9-17 (default: all); only these then cross the wire.",
+    ),
+    eval_every: int = typer.Option(25, "--eval-every", min=1),
+    out: Path | None = typer.Option(
+        None, "--out", help="Fuser folder (default: <cache>/fusers/RECEIVER--TRANSMITTER--DATA)."
+    ),
+) -> None:
+    """Train a C2C cache fuser for RECEIVER <- TRANSMITTER (both frozen) and save it with its learning curve."""
+    import shutil
+
+    from fedlm.bench.evaluate import mcq_context
+    from fedlm.bench.kv import trained_fuser_dir
+    from fedlm.data.plays import play_questions
+    from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
+    from fedlm.kvcomm.train import TrainConfig, gsm8k_pairs
+    from fedlm.kvcomm.train import train as fit
+    from fedlm.models import load
+
+    if align not in ("last", "depth"):
+        raise typer.BadParameter(f"expected last or depth, got {align!r}", param_hint="--align")
+    keep = parse_layers(transmitter_layers)
+    r, t = load(receiver), load(transmitter)
+    if data is TrainData.plays:
+        rows = play_questions(train_rows + heldout_rows, "train")
+        pairs = [(mcq_context(row), f" {row.choices[row.answer]}") for row in rows]
+    else:
+        pairs = gsm8k_pairs(r, train_rows + heldout_rows)
+    train_pairs, heldout_pairs = pairs[:train_rows], pairs[train_rows:]
+    config = FuserConfig.for_pair(r, t, align, hidden)  # type: ignore[arg-type]
+    if keep is not None:
+        unknown = [layer for layer in keep if layer >= config.transmitter_layers]
+        if unknown:
+            raise typer.BadParameter(
+                f"{transmitter} has {config.transmitter_layers} layers; no layer {unknown}",
+                param_hint="--transmitter-layers",
+            )
+        config.layer_map = [layer if layer in keep else None for layer in config.layer_map]
+    fuser = CacheFuser(config)
+    schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every)
+    curve = fit(fuser, r, t, train_pairs, heldout_pairs, schedule)
+    fuser.config.extra = {
+        "data": data.value,
+        "train_pairs": len(train_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "schedule": schedule.__dict__,
+        "curve": curve.__dict__,
+        "parameters": sum(p.numel() for p in fuser.parameters()),
+    }
+    folder = out or trained_fuser_dir(r.name, t.name, data.value)
+    staging = fuser.save(folder.with_name(f".{folder.name}.partial"))  # a reader never sees half a fuser
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    alone = f"{curve.receiver_alone_loss:.4f}" if curve.receiver_alone_loss is not None else "-"
+    fused = f"{curve.eval_loss[-1]:.4f}" if curve.eval_loss else "-"
+    Console(stderr=True).print(
+        f"[bold]fedlm kv train[/]: {steps} steps in {curve.seconds:.0f}s; held-out loss per token: receiver alone "
+        f"{alone}, fused {fused}; saved {folder}"
+    )

@@ -9,7 +9,6 @@ so it crosses the same privacy gate as every other cloud request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedlm.cloud.client import CloudClient
@@ -46,6 +45,3 @@ class TextTransmitter:
             self.client.traffic.bytes_sent - sent,
             self.client.traffic.bytes_received - received,
         )
-
-
-HintFn = Callable[[str], Hint]

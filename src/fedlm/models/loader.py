@@ -58,3 +58,20 @@ def load(name_or_path: str, quiet: bool = False, dtype: torch.dtype = torch.floa
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return LoadedModel(name_or_path, model, tokenizer, time.perf_counter() - start)
+
+
+def with_adapter(loaded: LoadedModel, adapter: str | Path, merge: bool = False) -> LoadedModel:
+    """`loaded` with a PEFT adapter folder applied, named `<model>+<folder>`.
+
+    Unmerged, the result keeps `disable_adapter()`, so the base model's beliefs stay available (fusion's experts).
+    Merged, it is a plain model again, faster to run: the form a transmitter wants.
+    """
+    folder = Path(adapter)
+    if not (folder / "adapter_config.json").is_file():
+        raise ValueError(f"{str(adapter)!r} is not a PEFT adapter folder (no adapter_config.json)")
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(loaded.model, folder).eval()
+    if merge:
+        model = model.merge_and_unload()
+    return LoadedModel(f"{loaded.name}+{folder.name}", model, loaded.tokenizer, loaded.load_seconds)
