@@ -185,3 +185,38 @@ def test_projection_between_the_real_tokenizers_moves_mass_only_to_consistent_te
             assert abs(float(projected.sum()) - 1) < 1e-4
 
     check()
+
+
+def test_kv_communication_on_the_real_pair(
+    edge: LoadedModel, cloud: LoadedModel, cloud_url: str, tmp_path: Path
+) -> None:
+    """Gemma's cache crosses the wire into SmolLM2 through a (briefly) trained fuser; T2T reads Gemma's hint."""
+    from fedlm.bench.evaluate import mcq_context
+    from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters
+    from fedlm.data.plays import play_questions
+    from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
+    from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.kvcomm.t2t import TextTransmitter
+    from fedlm.kvcomm.train import TrainConfig, train
+
+    pairs = [(mcq_context(r), f" {r.choices[r.answer]}") for r in play_questions(6, "train")]
+    fuser = CacheFuser(FuserConfig.for_pair(edge, cloud, hidden=32))
+    curve = train(
+        fuser, edge, cloud, pairs[:4], pairs[4:], TrainConfig(steps=2, accumulate=2, eval_every=2), progress=False
+    )
+    assert len(curve.train_loss) == 2 and curve.receiver_alone_loss is not None and len(curve.eval_loss) == 1
+    fuser.save(tmp_path / "fuser")
+    rows = play_questions(2)
+    alone = run_mode(rows, KVScorer(KVReceiver(edge, [])))
+    with serve_transmitters(edge, [TransmitterSpec(cloud, tmp_path / "fuser")], "int8") as (transmitters, clients):
+        scorer = KVScorer(
+            KVReceiver(edge, transmitters), {cloud.name: True}, wire_bytes=lambda: clients[0].traffic.bytes_received
+        )
+        fused = scorer.score([(mcq_context(r), f" {c}") for r in rows for c in r.choices])
+    baseline = KVScorer(KVReceiver(edge, [])).score([(mcq_context(r), f" {c}") for r in rows for c in r.choices])
+    assert all(s < 0 for s in fused) and fused != pytest.approx(baseline, abs=1e-6)  # the cache did change
+    tokens = len(edge.tokenizer(mcq_context(rows[0]))["input_ids"])
+    assert min(scorer.bytes) > 100 * tokens  # a cache crossed the wire (kilobytes per token), not a text
+    with CloudClient(cloud_url) as client:
+        hint = TextTransmitter(client, max_tokens=8).hint(mcq_context(rows[0]))
+    assert hint.text and hint.bytes_received > 0 and alone["n"] == 2

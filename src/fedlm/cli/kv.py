@@ -205,7 +205,9 @@ def train(
             )
         config.layer_map = [layer if layer in keep else None for layer in config.layer_map]
     fuser = CacheFuser(config)
-    schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every)
+    # Keeping prefills in memory (tens of KB per token) pays only when training comes back to an example.
+    reused = steps * accumulate > len(train_pairs)
+    schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
     curve = fit(fuser, r, t, train_pairs, heldout_pairs, schedule)
     fuser.config.extra = {
         "data": data.value,
