@@ -1,8 +1,11 @@
 """Aggregators for LoRA adapters of possibly different ranks, each a small class with one job.
 
-Every aggregator takes the clients' trained adapters (each at its own rank, on its own target modules) and
-returns one global adapter at the largest rank; the server then truncates it to each device's rank. A module is
-aggregated over the clients that adapt it.
+Every aggregator moves the current global adapter (at the largest rank) by the clients' updates, each client's
+update being its trained adapter minus the slice it was sent. Aggregating updates rather than the adapters
+themselves matters once ranks differ: a rank-2 client never held components 3..32 of the global, so it did not
+set them to zero, and averaging its adapter in as if it had would shrink them every round. When every client
+holds the whole global (FedAvg), both ways give the same result. A module is aggregated over the clients that
+adapt it; a module no client adapts is kept.
 """
 
 from __future__ import annotations
@@ -17,25 +20,37 @@ from fedlm.federated.lora import LoraPair, LoraState
 
 @dataclass
 class ClientUpdate:
-    state: LoraState
+    state: LoraState  # the trained adapter, at the client's rank
+    start: LoraState  # the slice of the global the client started from
     num_examples: int
+
+
+@dataclass
+class ModuleUpdate:
+    trained: LoraPair
+    start: LoraPair
+    num_examples: int
+
+    def factor_change(self, rank: int) -> LoraPair:
+        """(A - A₀, B - B₀), zero-padded to `rank`."""
+        return LoraPair(self.trained.a - self.start.a, self.trained.b - self.start.b).padded(rank)
 
 
 class Aggregator(ABC):
     name: str
 
-    def aggregate(self, updates: list[ClientUpdate]) -> LoraState:
+    def aggregate(self, current: LoraState, updates: list[ClientUpdate]) -> LoraState:
         if not updates:
             raise ValueError("nothing to aggregate: no client replied")
-        modules = sorted({name for update in updates for name in update.state})
-        return {
-            name: self.aggregate_module([(u.state[name], u.num_examples) for u in updates if name in u.state])
-            for name in modules
-        }
+        new = {}
+        for name, pair in current.items():
+            rows = [ModuleUpdate(u.state[name], u.start[name], u.num_examples) for u in updates if name in u.state]
+            new[name] = self.aggregate_module(pair, rows) if rows else pair
+        return new
 
     @abstractmethod
-    def aggregate_module(self, pairs: list[tuple[LoraPair, int]]) -> LoraPair:
-        """Combine one module's (pair, num_examples) from each client that adapts it."""
+    def aggregate_module(self, current: LoraPair, updates: list[ModuleUpdate]) -> LoraPair:
+        """The module's next global pair, at the rank of `current`."""
 
 
 def _weights(values: list[float]) -> np.ndarray:
@@ -43,11 +58,11 @@ def _weights(values: list[float]) -> np.ndarray:
     return np.full(len(values), 1 / len(values)) if total == 0 else np.asarray(values, dtype=np.float64) / total
 
 
-def _weighted_pairs(pairs: list[LoraPair], weights: np.ndarray) -> LoraPair:
-    rank = max(pair.rank for pair in pairs)
-    padded = [pair.padded(rank) for pair in pairs]
-    a = sum(w * p.a.astype(np.float64) for w, p in zip(weights, padded, strict=True))
-    b = sum(w * p.b.astype(np.float64) for w, p in zip(weights, padded, strict=True))
+def _moved(current: LoraPair, updates: list[ModuleUpdate], weights: np.ndarray) -> LoraPair:
+    """current + Σ w_k·(zero-padded factor change of client k), on A and on B separately."""
+    changes = [u.factor_change(current.rank) for u in updates]
+    a = current.a.astype(np.float64) + sum(w * c.a for w, c in zip(weights, changes, strict=True))
+    b = current.b.astype(np.float64) + sum(w * c.b for w, c in zip(weights, changes, strict=True))
     return LoraPair(a.astype(np.float32), b.astype(np.float32))
 
 
@@ -56,58 +71,58 @@ class FedAvg(Aggregator):
 
     name = "fedavg"
 
-    def aggregate_module(self, pairs: list[tuple[LoraPair, int]]) -> LoraPair:
-        ranks = {pair.rank for pair, _ in pairs}
+    def aggregate_module(self, current: LoraPair, updates: list[ModuleUpdate]) -> LoraPair:
+        ranks = {u.trained.rank for u in updates} | {current.rank}
         if len(ranks) > 1:
             raise ValueError(f"FedAvg needs equal LoRA ranks, got {sorted(ranks)}: use zeropad, hetlora or flexlora")
-        return _weighted_pairs([p for p, _ in pairs], _weights([n for _, n in pairs]))
+        return _moved(current, updates, _weights([u.num_examples for u in updates]))
 
 
 class ZeroPad(Aggregator):
-    """Pad every adapter with zero components to the largest rank, then take the example-weighted mean."""
+    """Pad every client's factor change with zero components to the largest rank; take the example-weighted mean."""
 
     name = "zeropad"
 
-    def aggregate_module(self, pairs: list[tuple[LoraPair, int]]) -> LoraPair:
-        return _weighted_pairs([p for p, _ in pairs], _weights([n for _, n in pairs]))
+    def aggregate_module(self, current: LoraPair, updates: list[ModuleUpdate]) -> LoraPair:
+        return _moved(current, updates, _weights([u.num_examples for u in updates]))
 
 
 class HetLoRA(Aggregator):
     """Cho et al. 2024: zero-pad to the largest rank and weight each client by the Frobenius norm of its ΔW = B·A.
 
-    A client whose update carries more signal counts more; truncation back to each rank is the server's slicing.
+    A client whose adapter carries more signal counts more; truncation back to each rank is the server's slicing.
     """
 
     name = "hetlora"
 
-    def aggregate_module(self, pairs: list[tuple[LoraPair, int]]) -> LoraPair:
-        norms = [float(np.linalg.norm(pair.delta())) for pair, _ in pairs]
-        return _weighted_pairs([p for p, _ in pairs], _weights(norms))
+    def aggregate_module(self, current: LoraPair, updates: list[ModuleUpdate]) -> LoraPair:
+        return _moved(current, updates, _weights([float(np.linalg.norm(u.trained.delta())) for u in updates]))
 
 
 class FlexLoRA(Aggregator):
-    """Bai et al. 2024: average the full updates ΔW_k = B_k·A_k, then SVD back to factors of the largest rank.
+    """Bai et al. 2024: move the full ΔW = B·A by the mean of the clients' ΔW updates, then SVD back to factors.
 
-    The factors are ordered by singular value, so each device's slice [:r] is the best rank-r approximation of
-    the averaged update. The singular values are split evenly: B = U·√S, A = √S·Vᵀ.
+    ΔW_new = B·A + Σ w_k·(B_k·A_k - B_k0·A_k0). The factors are ordered by singular value, so each device's slice
+    [:r] is the best rank-r approximation of the new ΔW. The singular values are split evenly: B = U·√S, A = √S·Vᵀ.
     """
 
     name = "flexlora"
 
-    def aggregate_module(self, pairs: list[tuple[LoraPair, int]]) -> LoraPair:
-        weights = _weights([n for _, n in pairs])
-        rank = max(pair.rank for pair, _ in pairs)
-        # Σ w_k·B_k·A_k = [w_1·B_1 … w_K·B_K]·[A_1; …; A_K]: factor the two stacks with QR and take the SVD of the
-        # small core, which gives the SVD of the full ΔW without forming the (out x in) matrix.
-        b_stack = np.concatenate([w * p.b.astype(np.float64) for w, (p, _) in zip(weights, pairs, strict=True)], 1)
-        a_stack = np.concatenate([p.a.astype(np.float64) for p, _ in pairs], 0)
-        qb, rb = np.linalg.qr(b_stack)
-        qa, ra = np.linalg.qr(a_stack.T)
+    def aggregate_module(self, current: LoraPair, updates: list[ModuleUpdate]) -> LoraPair:
+        weights = _weights([u.num_examples for u in updates])
+        # ΔW_new = [B, w_1·B_1, -w_1·B_10, …]·[A; A_1; A_10; …]: factor the two stacks with QR and take the SVD of
+        # the small core, which gives the SVD of ΔW_new without forming the (out x in) matrix.
+        bs, as_ = [current.b], [current.a]
+        for w, u in zip(weights, updates, strict=True):
+            bs += [w * u.trained.b, -w * u.start.b]
+            as_ += [u.trained.a, u.start.a]
+        qb, rb = np.linalg.qr(np.concatenate(bs, 1).astype(np.float64))
+        qa, ra = np.linalg.qr(np.concatenate(as_, 0).astype(np.float64).T)
         uc, s, vct = np.linalg.svd(rb @ ra.T, full_matrices=False)
-        k = min(rank, len(s))  # a small layer may have fewer singular values than the rank: pad with zeros
+        k = min(current.rank, len(s))  # a small layer may have fewer singular values than the rank: pad with zeros
         u, vt, root = qb @ uc[:, :k], vct[:k] @ qa.T, np.sqrt(s[:k])
         pair = LoraPair((root[:, None] * vt).astype(np.float32), (u * root).astype(np.float32))
-        return pair.padded(rank)
+        return pair.padded(current.rank)
 
 
 AGGREGATORS: dict[str, type[Aggregator]] = {cls.name: cls for cls in (FedAvg, ZeroPad, HetLoRA, FlexLoRA)}

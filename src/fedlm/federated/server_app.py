@@ -101,9 +101,11 @@ class HeteroLoraStrategy:
         clients = []
         for cluster in sorted(self.state.globals):
             members = [i for i, node in enumerate(nodes) if self.state.cluster_of[node.partition_id] == cluster]
-            updates = [ClientUpdate(trained[i], int(replies[i].content["metrics"]["num-examples"])) for i in members]
+            updates = [
+                ClientUpdate(trained[i], starts[i], int(replies[i].content["metrics"]["num-examples"])) for i in members
+            ]
             if updates:
-                self.state.globals[cluster] = self.aggregator.aggregate(updates)
+                self.state.globals[cluster] = self.aggregator.aggregate(self.state.globals[cluster], updates)
         for node, reply, state, start in zip(nodes, replies, trained, starts, strict=True):
             self.state.personal[node.partition_id] = state
             metrics = dict(reply.content["metrics"])
