@@ -1,6 +1,7 @@
 """A real Flower Simulation Runtime run: tiny model, 3 clients of different ranks, 2 rounds, then a resume."""
 
 import json
+from collections import Counter
 
 import pytest
 from peft import PeftModel
@@ -9,6 +10,7 @@ from fedlm.federated.config import TrainConfig
 from fedlm.federated.runtime import run_simulation
 from fedlm.models import load
 from fedlm.models.tiny import save_tiny
+from fedlm.privacy.audit import AuditLog
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +55,20 @@ def test_adapters_load_with_peft_at_each_clients_rank(run):
         model = PeftModel.from_pretrained(load(config.model).model, folder)
         assert model.peft_config["default"].r == rank
     assert (config.out_path / "clusters" / "0" / "adapter_model.safetensors").is_file()
+
+
+def test_every_upload_is_in_the_audit_log_without_its_content(run):
+    config, _ = run
+    rounds = json.loads((config.out_path / "metrics.json").read_text())
+    records = [r for r in AuditLog().records() if r.destination.startswith("flower://")]
+    uploads = Counter((r.destination, r.bytes) for r in records)
+    expected = Counter(
+        (f"flower://server/round-{r['round']}/partition-{c['partition_id']}", c["bytes_up"])
+        for r in rounds
+        for c in r["clients"]
+    )
+    assert uploads == expected
+    assert all(r.policy == "off" and r.action == "sent" and len(r.sha256) == 64 for r in records)
 
 
 def test_resume_runs_only_the_missing_rounds(run):

@@ -19,6 +19,7 @@ from fedlm.federated import dp, lora
 from fedlm.federated.config import TrainConfig
 from fedlm.federated.local import heldout_loss, perplexity, train_steps
 from fedlm.federated.profiles import BUDGETS, LoraPlan, budget_for, parse_profile_map, plan_for
+from fedlm.privacy.audit import AuditLog, AuditRecord
 
 app = ClientApp()
 
@@ -42,6 +43,13 @@ def device_plan(context: Context, config: TrainConfig) -> tuple[str, LoraPlan]:
     if budget not in BUDGETS:
         raise ValueError(f"node {pid}: unknown hardware-budget {budget!r}; use one of {', '.join(BUDGETS)}")
     return budget, plan_for(BUDGETS[budget])
+
+
+def audit_upload(state: lora.LoraState, server_round: int, pid: int, private: bool) -> None:
+    """Every upload leaves a record in the device's privacy audit log: bytes and their hash, never the values."""
+    payload = b"".join(array.tobytes() for _, array in sorted(lora.to_arrays(state).items()))
+    destination = f"flower://server/round-{server_round}/partition-{pid}"
+    AuditLog().append(AuditRecord.for_payload(destination, "dp" if private else "off", payload, {}))
 
 
 @functools.cache
@@ -119,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         "ppl": perplexity(after),
         "num-examples": len(data.train),
     }
+    audit_upload(trained, server_round, pid, config.dp_epsilon > 0)
     content = RecordDict({"arrays": to_record(trained), "metrics": MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from fedlm.federated.config import TrainConfig
 from fedlm.models.cache import cache_root
+from fedlm.privacy.audit import default_audit_path
 
 LOOPBACK = "127.0.0.1"
 RAY_BOOTSTRAP = "provider:\n  type: local\n"
@@ -37,7 +38,8 @@ def offline_env(home: Path) -> dict[str, str]:
         RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0",
         HOME=str(home),
         FLWR_HOME=str(home / ".flwr"),
-        FEDLM_CACHE=str(cache_root()),  # the model cache stays where it is although HOME moves
+        FEDLM_CACHE=str(cache_root()),  # the model cache and the audit log stay where they are although HOME moves
+        FEDLM_AUDIT_LOG=str(default_audit_path()),
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         OMP_NUM_THREADS="1",
         RAY_worker_niceness="0",  # Ray lowers its workers' priority (nice 15) by default: clients would starve
