@@ -50,7 +50,12 @@ def summarize(runs: dict[str, list[dict]], mix: list[dict]) -> dict:
     return {
         "fedavg_max_rank": {"global_ppl": base_ppl, "bytes_up": base_up},
         "hetero": hetero,
-        "clustering": {"purity": mix[-1]["purity"], "clusters": mix[-1]["clusters"]},
+        "clustering": {
+            "purity": mix[-1]["purity"],
+            "clusters": mix[-1]["clusters"],
+            "tasks": [c["task"] for c in mix[-1]["clients"]],
+            "similarity": next((r["similarity"] for r in mix if "similarity" in r), None),
+        },
         "personalised_vs_base": {
             "clients": personal,
             "beats_base": sum(p["personalised_ppl"] < p["base_ppl"] for p in personal),

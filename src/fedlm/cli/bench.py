@@ -119,11 +119,16 @@ def federated(
             f"{name}: perplexity {figures['global_ppl']:.3f} (gap {figures['ppl_gap']:+.2%}), "
             f"upload {figures['upload_ratio']:.1%} of FedAvg's"
         )
-    personal = summary["personalised_vs_base"]
+    personal, clustering = summary["personalised_vs_base"], summary["clustering"]
     console.print(
-        f"clustering purity {summary['clustering']['purity']:.2f}; personalised adapters beat the base model on "
+        f"clustering purity {clustering['purity']:.2f} ({len(clustering['clusters'])} clusters of "
+        f"{'/'.join(clustering['tasks'])}); personalised adapters beat the base model on "
         f"{personal['beats_base']} of {personal['of']} clients"
     )
+    if clustering["similarity"]:
+        console.print(
+            "update similarity:\n" + "\n".join(" ".join(f"{v:+.3f}" for v in row) for row in clustering["similarity"])
+        )
     console.print(f"wrote {out / 'federated.json'} and {out / 'federated.png'}")
 
 
