@@ -178,6 +178,14 @@ def test_cli_eval_kv_and_t2t(tiny_model_dir: Path, tiny_url: str, tmp_path: Path
     e, k, t = (json.loads(r.stdout) for r in (edge, kv, t2t))
     assert k["mode"] == "kv" and t["mode"] == "t2t" and k["n"] == t["n"] == 4
     assert k["accuracy"] == e["accuracy"] and k["bytes_per_text"] > 0
+    ask = runner.invoke(
+        app,
+        ["kv", "ask", "What is the capital of France?", "--receiver", str(tiny_model_dir), "--transmitter",
+         str(tiny_model_dir), "--fuser", str(tmp_path / "fuser"), "--max-tokens", "5", "--json"],
+    )  # fmt: skip
+    assert ask.exit_code == 0, ask.output
+    answers = json.loads(ask.stdout)
+    assert answers["c2c"]["answer"] == answers["receiver_alone"]["answer"] and answers["c2c"]["bytes_received"] > 0
     missing = runner.invoke(
         app, [*common, "--mode", "kv", "--transmitter", str(tiny_model_dir), "--fuser", str(tmp_path)]
     )

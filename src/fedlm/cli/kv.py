@@ -227,3 +227,51 @@ def train(
         f"[bold]fedlm kv train[/]: {steps} steps in {curve.seconds:.0f}s; held-out loss per token: receiver alone "
         f"{alone}, fused {fused}; saved {folder}"
     )
+
+
+@app.command()
+def ask(
+    question: str = typer.Argument(..., help="The question the receiver answers."),
+    receiver: str = typer.Option(EDGE_DEFAULT, "--receiver"),
+    transmitter: str = typer.Option(CLOUD_DEFAULT, "--transmitter", help="Served on loopback for this call."),
+    fuser: Path | None = typer.Option(None, "--fuser", help="Trained fuser folder (default: the plays fuser)."),
+    fmt: Format = typer.Option(Format.int8, "--format", help="Wire format of the transmitter's cache."),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1),
+    as_json: bool = Json,
+) -> None:
+    """Answer QUESTION with the receiver alone, then with the transmitter's KV cache fused in (C2C)."""
+    import time
+
+    from fedlm.bench.kv import TransmitterSpec, serve_transmitters, trained_fuser_dir
+    from fedlm.kvcomm.fuser import FuserMismatchError
+    from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.models import load
+
+    r, t = load(receiver, quiet=True), load(transmitter, quiet=True)
+    folder = fuser or trained_fuser_dir(r.name, t.name)
+    if not (folder / "fuser_config.json").is_file():
+        raise typer.BadParameter(f"no trained fuser in {folder}: run `fedlm kv train` first", param_hint="--fuser")
+    ids = r.tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
+    start = time.perf_counter()
+    alone = KVReceiver(r, []).generate(ids, max_tokens)
+    alone_s = time.perf_counter() - start
+    try:
+        with serve_transmitters(r, [TransmitterSpec(t, folder)], fmt.value) as (transmitters, clients):
+            start = time.perf_counter()
+            fused = KVReceiver(r, transmitters).generate(ids, max_tokens, {t.name: True})
+            fused_s, received = time.perf_counter() - start, clients[0].traffic.bytes_received
+    except FuserMismatchError as err:
+        raise typer.BadParameter(str(err), param_hint="--fuser") from err
+    report = {
+        "question": question,
+        "receiver_alone": {"answer": alone.strip(), "seconds": round(alone_s, 3)},
+        "c2c": {"answer": fused.strip(), "seconds": round(fused_s, 3), "bytes_received": received, "format": fmt.value},
+    }
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+        return
+    console = Console()
+    console.print(f"[bold]receiver alone[/] ({alone_s:.2f}s): {alone.strip()}")
+    console.print(
+        f"[bold]C2C with {t.name}[/] ({fused_s:.2f}s, {received:,} bytes of {fmt.value} cache): {fused.strip()}"
+    )
