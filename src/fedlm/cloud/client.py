@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import httpx
 
@@ -171,14 +171,14 @@ class _Base:
         self.traffic.bytes_received += response.num_bytes_downloaded
         if response.is_success:
             return self.egress.inbound(self.base_url + path, response.json())
-        raise _error_from(self.base_url + path, response)
+        raise error_from(self.base_url + path, response)
 
     @staticmethod
     def _score_body(model: str, text: str) -> dict[str, Any]:
         return {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
 
 
-def _error_from(url: str, response: httpx.Response) -> CloudError:
+def error_from(url: str, response: httpx.Response) -> CloudError:
     try:
         error = response.json().get("error") or {}
         message, code = error.get("message") or response.text, error.get("code")
@@ -202,8 +202,9 @@ def _sse_events(lines: Iterator[str]) -> Iterator[dict[str, Any]]:
             yield json.loads(data)
 
 
-class CloudClient(_Base):
-    """Synchronous client. `model=None` uses the first model the server lists."""
+class SyncClient(_Base):
+    """The synchronous plumbing shared by every client of an OpenAI-style server: one connection pool, requests
+    through the egress hook with retries, the model list. `model=None` uses the first model the server lists."""
 
     def __init__(
         self,
@@ -221,7 +222,7 @@ class CloudClient(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> CloudClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *_: object) -> None:
@@ -255,6 +256,10 @@ class CloudClient(_Base):
             self.model = names[0]
         return self.model
 
+
+class CloudClient(SyncClient):
+    """Synchronous client of a cloud model: completions, chat, streaming, scoring and a capability probe."""
+
     def complete(self, prompt: str, **fields: Any) -> dict[str, Any]:
         return self._post("/completions", {"model": self.resolve_model(), "prompt": prompt, **fields})
 
@@ -270,7 +275,7 @@ class CloudClient(_Base):
                 self.traffic.bytes_sent += len(content)
                 if not response.is_success:
                     response.read()
-                    raise _error_from(self.base_url + path, response)
+                    raise error_from(self.base_url + path, response)
                 try:
                     for event in _sse_events(response.iter_lines()):
                         yield self.egress.inbound(self.base_url + path, event)
@@ -407,7 +412,7 @@ class AsyncCloudClient(_Base):
                 self.traffic.bytes_sent += len(content)
                 if not response.is_success:
                     await response.aread()
-                    raise _error_from(self.base_url + path, response)
+                    raise error_from(self.base_url + path, response)
                 try:
                     async for line in response.aiter_lines():
                         for event in _sse_events(iter([line])):

@@ -44,8 +44,11 @@ def _error(
     return JSONResponse(p.dump(APIError(status, message, type_, param, code).body), status_code=status)
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    app = FastAPI(title="fedlm cloud", version="1")
+def openai_app(title: str, api_key: str | None = None) -> FastAPI:
+    """A FastAPI app that speaks OpenAI's conventions: bearer auth on `/v1/*`, and every error (a bad key, a bad
+    field, an `APIError` raised by a route) as an OpenAI error body with the status it deserves, never a 5xx for
+    the client's mistake. The cloud service and the KV transmitter both start from it."""
+    app = FastAPI(title=title, version="1")
 
     @app.middleware("http")
     async def _auth(request: Request, call_next: Any) -> Any:
@@ -76,6 +79,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return _error(
             err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error"
         )
+
+    return app
+
+
+def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
+    app = openai_app("fedlm cloud", api_key)
 
     def check_model(name: str) -> None:
         if name != engine.name:

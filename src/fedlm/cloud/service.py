@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import uvicorn
 
@@ -22,19 +23,19 @@ def serve(engine: Engine, host: str = LOOPBACK, port: int = 8000, api_key: str |
 
 
 @contextmanager
-def background_service(engine: Engine, api_key: str | None = None, startup_timeout_s: float = 30.0) -> Iterator[str]:
-    """Serve `engine` on a free 127.0.0.1 port until the block exits; yields the base URL (`http://.../v1`)."""
+def background_app(app: Any, name: str, startup_timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve an ASGI app on a free 127.0.0.1 port in a thread until the block exits; yields `http://.../v1`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((LOOPBACK, 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, api_key), log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fedlm-cloud-service", daemon=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name=name, daemon=True)
     thread.start()
     deadline = time.monotonic() + startup_timeout_s
     while not server.started:
         if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the embedded cloud service did not start on {LOOPBACK}:{port}")
+            raise RuntimeError(f"{name} did not start on {LOOPBACK}:{port}")
         time.sleep(0.01)
     try:
         yield f"http://{LOOPBACK}:{port}/v1"
@@ -42,6 +43,13 @@ def background_service(engine: Engine, api_key: str | None = None, startup_timeo
         server.should_exit = True
         thread.join(timeout=10)
         sock.close()
+
+
+@contextmanager
+def background_service(engine: Engine, api_key: str | None = None, startup_timeout_s: float = 30.0) -> Iterator[str]:
+    """Serve `engine` on a free 127.0.0.1 port until the block exits; yields the base URL (`http://.../v1`)."""
+    with background_app(create_app(engine, api_key), "the embedded cloud service", startup_timeout_s) as url:
+        yield url
 
 
 @contextmanager

@@ -10,15 +10,12 @@ the blob echoes back as `payload.text`, with token spans into that text. Use it,
 from __future__ import annotations
 
 import time
-from typing import Any
 
-import httpx
-
-from fedlm.cloud.client import CloudError, EgressHook, _Base, _error_from
+from fedlm.cloud.client import EgressHook, SyncClient, error_from
 from fedlm.kvcomm.wire import DEFAULT_MAX_BYTES, KVPayload, WireFormat, decode
 
 
-class TransmitterClient(_Base):
+class TransmitterClient(SyncClient):
     """Synchronous client. `model=None` asks the server which model it serves; `expect_fingerprint` refuses a blob
     from any other model (`KVWireError`)."""
 
@@ -36,42 +33,6 @@ class TransmitterClient(_Base):
     ) -> None:
         super().__init__(base_url, api_key, model, timeout, retries, backoff_s, egress)
         self.expect_fingerprint, self.max_bytes = expect_fingerprint, max_bytes
-        self._http = httpx.Client(timeout=timeout)
-
-    def close(self) -> None:
-        self._http.close()
-
-    def __enter__(self) -> TransmitterClient:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.close()
-
-    def _send(self, method: str, path: str, body: dict[str, Any] | None = None) -> httpx.Response:
-        content = self._body(path, body) if body is not None else None  # the gate's bytes, or EgressRefused
-        for attempt in range(self.retries + 1):
-            try:
-                outcome: httpx.Response | httpx.TransportError = self._http.request(
-                    method, self.base_url + path, content=content, headers=self._headers()
-                )
-            except httpx.TransportError as err:
-                outcome = err
-            response = self._settle(path, attempt, content, outcome)
-            if response is not None:
-                return response
-            time.sleep(self.backoff_s * 2**attempt)
-        raise AssertionError("unreachable")
-
-    def models(self) -> list[str]:
-        return [m["id"] for m in self._result("/models", self._send("GET", "/models")).get("data", [])]
-
-    def resolve_model(self) -> str:
-        if self.model is None:
-            names = self.models()
-            if not names:
-                raise CloudError(f"{self.base_url}/models lists no model; pass one explicitly")
-            self.model = names[0]
-        return self.model
 
     def encode(
         self, text: str, fmt: WireFormat = "fp16", layers: list[int] | None = None
@@ -82,7 +43,7 @@ class TransmitterClient(_Base):
         response = self._send("POST", "/kv", body)
         self.traffic.bytes_received += response.num_bytes_downloaded
         if not response.is_success:
-            raise _error_from(self.base_url + "/kv", response)
+            raise error_from(self.base_url + "/kv", response)
         blob = response.content
         payload = decode(blob, self.expect_fingerprint, self.max_bytes)
         return payload, len(blob), time.perf_counter() - start

@@ -8,27 +8,22 @@ worker thread, one request at a time, so the event loop keeps answering `/health
 from __future__ import annotations
 
 import asyncio
-import secrets
-import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import uvicorn
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi import FastAPI
+from fastapi.responses import Response
 from pydantic import Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from fedlm.cloud import protocol as p
-from fedlm.cloud.server import APIError
+from fedlm.cloud.server import APIError, openai_app
+from fedlm.cloud.service import LOOPBACK, background_app
 from fedlm.kvcomm.wire import DEFAULT_MAX_BYTES, KVWireError, WireFormat, capture, encode, model_fingerprint
 from fedlm.models.loader import LoadedModel
 
-LOOPBACK = "127.0.0.1"
 MAX_TEXT_CHARS = 32_000
 BLOB_MEDIA_TYPE = "application/octet-stream"
 
@@ -42,50 +37,15 @@ class KVRequest(p.Strict):
     layers: list[int] | None = Field(default=None, min_length=1)
 
 
-def _error(
-    status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> JSONResponse:
-    return JSONResponse(p.dump(APIError(status, message, type_, param, code).body), status_code=status)
-
-
 def create_transmitter_app(
     model: LoadedModel, api_key: str | None = None, max_bytes: int = DEFAULT_MAX_BYTES
 ) -> FastAPI:
     """The HTTP app serving `model`'s KV caches; blobs over `max_bytes` are refused with a 400."""
-    app = FastAPI(title="fedlm kv transmitter", version="1")
+    app = openai_app("fedlm kv transmitter", api_key)
     fingerprint = model_fingerprint(model)
     config = model.model.config
     num_layers, max_tokens = config.num_hidden_layers, config.max_position_embeddings
     forward_lock = threading.Lock()  # one forward at a time: the model is not re-entrant and the CPU is shared
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
-                return _error(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
-
-    @app.exception_handler(APIError)
-    async def _api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(p.dump(err.body), status_code=err.status)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        first = err.errors()[0]
-        param = ".".join(str(part) for part in first.get("loc", ()) if part != "body") or None
-        return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(
-            err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error"
-        )
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -139,22 +99,5 @@ def background_transmitter(
     """Serve `model`'s KV caches on a free 127.0.0.1 port until the block exits; yields the base URL (`.../v1`).
 
     For tests and demos: a transmitter in-process still goes through real HTTP, auth and the privacy gate."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((LOOPBACK, 0))
-    port = sock.getsockname()[1]
-    app = create_transmitter_app(model, api_key)
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="fedlm-kv-transmitter", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + startup_timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError(f"the KV transmitter did not start on {LOOPBACK}:{port}")
-        time.sleep(0.01)
-    try:
-        yield f"http://{LOOPBACK}:{port}/v1"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
+    with background_app(create_transmitter_app(model, api_key), "the KV transmitter", startup_timeout_s) as url:
+        yield url
