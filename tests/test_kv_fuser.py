@@ -11,6 +11,7 @@ from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, FuserMismatchError, add_
 from fedlm.kvcomm.train import (
     Example,
     TrainConfig,
+    evaluate,
     gsm8k_pairs,
     prefill,
     prepare,
@@ -223,6 +224,9 @@ def test_training_fits_a_small_fixed_batch(receiver, transmitter) -> None:
     # Hard gates on the very pairs it trained on: the fuser memorised them (it reaches about 4 nats here).
     assert curve.eval_loss[-1] < curve.receiver_alone_loss - 1.0
     assert not any(p.requires_grad for p in receiver.model.parameters())
+    assert curve.best_step == curve.eval_steps[curve.eval_loss.index(min(curve.eval_loss))]
+    examples = [prepare(receiver, transmitter, pair) for pair in PAIRS]
+    assert evaluate(fuser, receiver, transmitter, examples) == pytest.approx(min(curve.eval_loss), rel=1e-5)
 
 
 def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter, tmp_path: Path) -> None:
