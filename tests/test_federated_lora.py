@@ -5,6 +5,7 @@ import torch
 from peft import PeftModel
 
 from fedlm.federated import lora
+from fedlm.federated.local import rank_scaled_lr, train_steps
 from fedlm.federated.profiles import BUDGETS, parse_profile_map, plan_for
 from fedlm.models.tiny import tiny_loaded
 
@@ -45,3 +46,24 @@ def test_profiles_map_budgets_to_ranks_and_modules():
     assert "o_proj" in plans["high"].targets
     assert all(2 <= p.rank <= 32 for p in plans.values())
     assert parse_profile_map("low, high") == ["low", "high"]
+
+
+def test_rank_scaled_lr_gives_low_ranks_the_speed_of_high_ranks():
+    # Same data, same steps: the size of ΔW after training, rank 2 vs rank 32 (hidden size 64 allows both).
+    loaded = tiny_loaded()
+    texts = ["Question: What is two plus two?\nAnswer: four", "The capital of France is Paris."] * 4
+
+    def update_norm(rank: int, lr: float) -> float:
+        torch.manual_seed(0)
+        model = lora.wrap(loaded.model, rank, ("q_proj", "v_proj"))
+        try:
+            train_steps(model, loaded.tokenizer, texts, 3, 4, 16, lr, seed=0)
+            return float(np.sqrt(sum(np.sum(p.delta() ** 2) for p in lora.extract(model).values())))
+        finally:
+            model.unload()
+
+    high = update_norm(32, rank_scaled_lr(1e-3, 32))
+    unscaled, scaled = update_norm(2, 1e-3), update_norm(2, rank_scaled_lr(1e-3, 2))
+    assert rank_scaled_lr(1e-3, 32) == 1e-3
+    assert unscaled < 0.5 * high  # without scaling rank 2 learns several times slower
+    assert 0.5 * high < scaled < 2 * high

@@ -17,7 +17,7 @@ from flwr.clientapp import ClientApp
 from fedlm.data.partition import ClientData, client_data
 from fedlm.federated import dp, lora
 from fedlm.federated.config import TrainConfig
-from fedlm.federated.local import heldout_loss, perplexity, train_steps
+from fedlm.federated.local import heldout_loss, perplexity, rank_scaled_lr, train_steps
 from fedlm.federated.profiles import BUDGETS, LoraPlan, budget_for, parse_profile_map, plan_for
 from fedlm.privacy.audit import AuditLog, AuditRecord
 
@@ -106,7 +106,7 @@ def train(msg: Message, context: Context) -> Message:
             config.local_steps,
             config.batch_size,
             config.seq_len,
-            config.lr,
+            rank_scaled_lr(config.lr, lora.state_rank(start)),
             seed=config.seed * 1000 + server_round * 100 + pid,
         )
         trained = lora.extract(model)

@@ -17,7 +17,7 @@ class TrainConfig:
     local_steps: int = 10
     batch_size: int = 8
     seq_len: int = 64
-    lr: float = 2e-3
+    lr: float = 2e-3  # for a rank-32 adapter; lower ranks get more (local.rank_scaled_lr)
     aggregator: str = "flexlora"
     rank_profile: str = "low,mid,high"
     cluster: str = "off"  # "auto": cluster clients by update similarity after the first round

@@ -7,11 +7,23 @@ import random
 
 import torch
 
+from fedlm.federated.profiles import MAX_RANK
+
 
 def _batch(tokenizer, texts: list[str], seq_len: int) -> dict[str, torch.Tensor]:
     enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=seq_len)
     labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"], "labels": labels}
+
+
+def rank_scaled_lr(lr: float, rank: int, reference: int = MAX_RANK) -> float:
+    """The learning rate for a rank-`rank` adapter, given `lr` for a rank-`reference` one (rsLoRA's argument).
+
+    With alpha = rank (scaling 1), B starts at zero and Adam moves each entry by about lr per step, so ΔW = B·A
+    grows like √rank: a rank-2 device learned 4x slower than a rank-32 one and its update was nearly lost in
+    the average. Scaling the rate by √(reference/rank) gives every rank the same speed.
+    """
+    return lr * math.sqrt(reference / rank)
 
 
 def train_steps(
