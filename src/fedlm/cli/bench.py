@@ -239,7 +239,7 @@ def kv(
     from fedlm.data.jsonl import DataError, McqRow, read_rows
     from fedlm.data.plays import play_questions
     from fedlm.models import load
-    from fedlm.models.loader import with_adapter
+    from fedlm.models.loader import load_spec
 
     try:
         datasets = {"mcq": read_rows(mcq, McqRow)}
@@ -252,13 +252,10 @@ def kv(
     first = load(transmitter)
     specs = [TransmitterSpec(first, fuser or trained_fuser_dir(r.name, first.name))]
     if second:
-        name, _, adapter = second.partition("+")
-        model = load(name)
         try:
-            model = with_adapter(model, adapter, merge=True) if adapter else model
+            specs.append(TransmitterSpec(load_spec(second), second_fuser))
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--second-transmitter") from err
-        specs.append(TransmitterSpec(model, second_fuser))
     for spec in specs:
         folder = spec.fuser_dir or trained_fuser_dir(r.name, spec.model.name)
         if not (folder / "fuser_config.json").is_file():

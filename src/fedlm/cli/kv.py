@@ -151,7 +151,9 @@ class TrainData(StrEnum):
 @app.command()
 def train(
     receiver: str = typer.Option(EDGE_DEFAULT, "--receiver", help="The model whose cache is fused into."),
-    transmitter: str = typer.Option(CLOUD_DEFAULT, "--transmitter", help="The model whose cache is sent."),
+    transmitter: str = typer.Option(
+        CLOUD_DEFAULT, "--transmitter", help="The model whose cache is sent: MODEL, or MODEL+ADAPTER_DIR (merged)."
+    ),
     data: TrainData = typer.Option(
         TrainData.plays,
         "--data",
@@ -184,11 +186,16 @@ def train(
     from fedlm.kvcomm.train import TrainConfig, gsm8k_pairs
     from fedlm.kvcomm.train import train as fit
     from fedlm.models import load
+    from fedlm.models.loader import load_spec
 
     if align not in ("last", "depth"):
         raise typer.BadParameter(f"expected last or depth, got {align!r}", param_hint="--align")
     keep = parse_layers(transmitter_layers)
-    r, t = load(receiver), load(transmitter)
+    r = load(receiver)
+    try:
+        t = load_spec(transmitter)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--transmitter") from err
     if data is TrainData.plays:
         rows = play_questions(train_rows + heldout_rows, "train")
         pairs = [(mcq_context(row), f" {row.choices[row.answer]}") for row in rows]

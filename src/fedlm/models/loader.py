@@ -75,3 +75,10 @@ def with_adapter(loaded: LoadedModel, adapter: str | Path, merge: bool = False) 
     if merge:
         model = model.merge_and_unload()
     return LoadedModel(f"{loaded.name}+{folder.name}", model, loaded.tokenizer, loaded.load_seconds)
+
+
+def load_spec(spec: str, quiet: bool = False) -> LoadedModel:
+    """`MODEL` or `MODEL+ADAPTER_DIR` (the adapter merged in): how a command names, e.g., an adapted transmitter."""
+    name, plus, adapter = spec.partition("+")
+    loaded = load(name, quiet=quiet)
+    return with_adapter(loaded, adapter, merge=True) if plus else loaded
