@@ -88,14 +88,16 @@ def prepare(receiver: LoadedModel, transmitter: LoadedModel, pair: Pair, max_res
 @torch.no_grad()
 def prefill_receiver(receiver: LoadedModel, context_ids: Sequence[int]) -> DynamicCache:
     """The receiver's cache of context[:-1] (see the module docstring for why the last token is left out)."""
-    out = receiver.model(input_ids=torch.tensor([context_ids[:-1]]), use_cache=True, logits_to_keep=1)
+    ids = torch.tensor([context_ids[:-1]], device=receiver.model.device)
+    out = receiver.model(input_ids=ids, use_cache=True, logits_to_keep=1)
     return out.past_key_values
 
 
 @torch.no_grad()
 def prefill_transmitter(transmitter: LoadedModel, transmitter_ids: Sequence[int]) -> tuple[list[KV], int]:
     """The transmitter's (K, V) per layer over the whole context, and how many tokens it read."""
-    cache = transmitter.model(input_ids=torch.tensor([transmitter_ids]), use_cache=True, logits_to_keep=1)
+    ids = torch.tensor([transmitter_ids], device=transmitter.model.device)
+    cache = transmitter.model(input_ids=ids, use_cache=True, logits_to_keep=1)
     return [(layer.keys, layer.values) for layer in cache.past_key_values.layers], len(transmitter_ids)
 
 
@@ -106,9 +108,10 @@ def prefill(receiver: LoadedModel, transmitter: LoadedModel, example: Example) -
 
 def response_loss(receiver: LoadedModel, cache: DynamicCache, example: Example) -> tuple[Tensor, int]:
     """Summed cross-entropy of the response tokens given `cache` (context[:-1]), and how many tokens it covers."""
-    inputs = [example.context_ids[-1], *example.response_ids[:-1]]
-    logits = receiver.model(input_ids=torch.tensor([inputs]), past_key_values=cache, use_cache=True).logits[0]
-    targets = torch.tensor(example.response_ids)
+    device = receiver.model.device
+    inputs = torch.tensor([[example.context_ids[-1], *example.response_ids[:-1]]], device=device)
+    logits = receiver.model(input_ids=inputs, past_key_values=cache, use_cache=True).logits[0]
+    targets = torch.tensor(example.response_ids, device=device)
     return F.cross_entropy(logits.float(), targets, reduction="sum"), len(targets)
 
 
@@ -160,6 +163,8 @@ def train(
     progress: bool = True,
 ) -> LearningCurve:
     """Fit `fuser` on (context, response) pairs; both LLMs are frozen (and left frozen, in eval mode).
+
+    The fuser must already sit on the models' device (`fuser.to(receiver.model.device)` on a GPU).
 
     Returns the training loss per step and the held-out loss every `eval_every` steps and at the end, next to
     the receiver-alone loss on the same held-out pairs. With held-out pairs and `keep_best`, the fuser ends on
