@@ -215,7 +215,13 @@ def train(
     # Keeping prefills in memory (tens of KB per token) pays only when training comes back to an example.
     reused = steps * accumulate > len(train_pairs)
     schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
-    curve = fit(fuser, r, t, train_pairs, heldout_pairs, schedule)
+    console = Console(stderr=True)
+
+    def log_step(step: int, loss: float) -> None:  # a progress bar needs a terminal; a log file gets lines
+        if not console.is_terminal and (step % eval_every == 0 or step == steps):
+            console.print(f"step {step}/{steps}: training loss {loss:.4f}")
+
+    curve = fit(fuser, r, t, train_pairs, heldout_pairs, schedule, on_step=log_step)
     fuser.config.extra = {
         "data": data.value,
         "train_pairs": len(train_pairs),
@@ -230,7 +236,7 @@ def train(
     staging.rename(folder)
     alone = f"{curve.receiver_alone_loss:.4f}" if curve.receiver_alone_loss is not None else "-"
     fused = f"{curve.eval_loss[-1]:.4f}" if curve.eval_loss else "-"
-    Console(stderr=True).print(
+    console.print(
         f"[bold]fedlm kv train[/]: {steps} steps in {curve.seconds:.0f}s; held-out loss per token: receiver alone "
         f"{alone}, fused {fused}; saved {folder}"
     )
