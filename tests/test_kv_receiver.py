@@ -190,3 +190,15 @@ def test_cli_eval_kv_and_t2t(tiny_model_dir: Path, tiny_url: str, tmp_path: Path
         app, [*common, "--mode", "kv", "--transmitter", str(tiny_model_dir), "--fuser", str(tmp_path)]
     )
     assert missing.exit_code == 2 and "no trained fuser" in missing.output
+
+
+def test_the_zeroed_control_feeds_the_fuser_zeros(tiny_llama: LoadedModel, tiny_gemma: LoadedModel) -> None:
+    from fedlm.bench.kv import zeroed
+
+    real = _transmitter("t", _fuser(tiny_llama, tiny_gemma, 4), tiny_gemma)
+    payload = zeroed(real).send(PAIRS[0][0])
+    assert all(not k.any() and not v.any() for k, v in zip(payload.keys, payload.values, strict=True))
+    assert payload.spans == real.send(PAIRS[0][0]).spans
+    with_cache = KVScorer(KVReceiver(tiny_llama, [real]), {"t": True}).score(PAIRS)
+    with_zeros = KVScorer(KVReceiver(tiny_llama, [zeroed(real)]), {"t": True}).score(PAIRS)
+    assert with_zeros != pytest.approx(with_cache, abs=1e-5)

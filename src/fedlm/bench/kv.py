@@ -14,10 +14,12 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from fedlm.bench.evaluate import evaluate_mcq, mcq_context
 from fedlm.bench.scorers import Pair
@@ -27,7 +29,7 @@ from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.fuser import CacheFuser, default_fuser_dir
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter
 from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
-from fedlm.kvcomm.wire import WireFormat, bytes_per_token, capture
+from fedlm.kvcomm.wire import KVPayload, WireFormat, bytes_per_token, capture
 from fedlm.models import LoadedModel
 
 FORMATS: tuple[WireFormat, ...] = ("fp16", "int8", "int4")
@@ -83,6 +85,21 @@ def trained_fuser_dir(receiver: str, transmitter: str, task: str = "plays") -> P
     """Where `fedlm kv train --data TASK` keeps the fuser of a model pair, and where eval and bench look for it."""
     folder = default_fuser_dir(receiver, transmitter)
     return folder.with_name(f"{folder.name}--{task}")
+
+
+def zeroed(transmitter: Transmitter) -> Transmitter:
+    """The control: the same fuser fed an all-zero cache. What accuracy it keeps is the fuser's own adaptation of
+    the receiver's cache; only what C2C gains beyond it came from the transmitter."""
+
+    def send(text: str) -> KVPayload:
+        payload = transmitter.send(text)
+        return replace(
+            payload,
+            keys=[torch.zeros_like(k) for k in payload.keys],
+            values=[torch.zeros_like(v) for v in payload.values],
+        )
+
+    return Transmitter(transmitter.name, transmitter.fuser, send)
 
 
 @dataclass(frozen=True)
@@ -205,7 +222,8 @@ def run_benchmark(
 
     Modes: `receiver`; `t2t` (a hint from the first transmitter's model); `c2c-1` (first transmitter, fp16);
     `c2c-<fmt>` (the same over the quantized wire); `c2c-2` (first two transmitters, when given);
-    `c2c-1-private` (first transmitter reads a device-side rephrasing, on the first `private_rows` questions).
+    `c2c-1-zeroed` (the control: the first fuser fed zeros); `c2c-1-private` (the first transmitter reads a
+    device-side rephrasing, on the first `private_rows` questions, next to `c2c-1-same-rows-as-private`).
     """
     from fedlm.cloud.engine import Engine
     from fedlm.cloud.service import background_service
@@ -236,11 +254,19 @@ def run_benchmark(
                     progress(f"{name}: c2c-2 ({names[0]} + {names[1]})")
                     both = {names[0]: True, names[1]: True}
                     modes[name]["c2c-2"] = run_mode(rows, KVScorer(kv, both, wire_bytes=received))
-                if fmt == "fp16" and config.private_rows:
-                    progress(f"{name}: c2c-1-private ({config.private_rows} questions, rephrased on the device)")
+                if fmt != "fp16":
+                    continue
+                progress(f"{name}: c2c-1-zeroed (control: the fuser fed an all-zero transmitter cache)")
+                control = KVReceiver(receiver, [zeroed(transmitters[0])])
+                modes[name]["c2c-1-zeroed"] = run_mode(rows, KVScorer(control, {names[0]: True}))
+                if config.private_rows:
+                    first_rows = rows[: config.private_rows]
+                    progress(f"{name}: c2c-1-private ({len(first_rows)} questions, rephrased on the device)")
                     private = KVReceiver(receiver, transmitters, rephrase=SlmRewriter(receiver.name))
                     scorer = KVScorer(private, {names[0]: True}, wire_bytes=received)
-                    modes[name]["c2c-1-private"] = run_mode(rows[: config.private_rows], scorer)
+                    modes[name]["c2c-1-private"] = run_mode(first_rows, scorer)
+                    same_rows = KVScorer(kv, {names[0]: True}, wire_bytes=received)
+                    modes[name]["c2c-1-same-rows-as-private"] = run_mode(first_rows, same_rows)
     fuser = CacheFuser.load(
         first.fuser_dir or trained_fuser_dir(receiver.name, first.model.name), receiver, first.model
     )
@@ -267,5 +293,9 @@ def summarize(modes: Mapping[str, Mapping[str, Mapping[str, Any]]], quantized: s
             "c2c_minus_t2t_points": round(100 * (c2c["accuracy"] - m["t2t"]["accuracy"]), 1),
             "c2c_latency_over_t2t": round(c2c["latency_p50_s"] / m["t2t"]["latency_p50_s"], 3),
             f"{quantized}_loss_points": round(100 * (c2c["accuracy"] - m[f"c2c-1-{quantized}"]["accuracy"]), 1),
+            "c2c_minus_zeroed_control_points": round(100 * (c2c["accuracy"] - m["c2c-1-zeroed"]["accuracy"]), 1),
         }
+        if "c2c-1-private" in m:
+            same = m["c2c-1-same-rows-as-private"]["accuracy"]
+            out[name]["private_minus_c2c_points"] = round(100 * (m["c2c-1-private"]["accuracy"] - same), 1)
     return out
