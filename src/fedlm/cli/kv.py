@@ -172,6 +172,7 @@ def train(
         help="Transmitter layers the fuser reads, e.g. 9-17 (default: all); only these then cross the wire.",
     ),
     eval_every: int = typer.Option(25, "--eval-every", min=1),
+    device: str = typer.Option("cpu", "--device", help="Torch device for both models and the fuser, e.g. cuda."),
     out: Path | None = typer.Option(
         None, "--out", help="Fuser folder (default: <cache>/fusers/RECEIVER--TRANSMITTER--DATA)."
     ),
@@ -211,7 +212,12 @@ def train(
                 param_hint="--transmitter-layers",
             )
         config.layer_map = [layer if layer in keep else None for layer in config.layer_map]
-    fuser = CacheFuser(config)
+    try:
+        r.model.to(device)
+        t.model.to(device)
+    except (RuntimeError, ValueError) as err:
+        raise typer.BadParameter(f"cannot use device {device!r}: {err}", param_hint="--device") from err
+    fuser = CacheFuser(config).to(device)
     # Keeping prefills in memory (tens of KB per token) pays only when training comes back to an example.
     reused = steps * accumulate > len(train_pairs)
     schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
@@ -231,7 +237,7 @@ def train(
         "parameters": sum(p.numel() for p in fuser.parameters()),
     }
     folder = out or trained_fuser_dir(r.name, t.name, data.value)
-    staging = fuser.save(folder.with_name(f".{folder.name}.partial"))  # a reader never sees half a fuser
+    staging = fuser.cpu().save(folder.with_name(f".{folder.name}.partial"))  # a reader never sees half a fuser
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     alone = f"{curve.receiver_alone_loss:.4f}" if curve.receiver_alone_loss is not None else "-"
