@@ -103,14 +103,18 @@ def test_flexlora_moves_the_global_by_the_mean_update_then_svd():
     np.testing.assert_allclose(out.sliced(2).delta(), (u[:, :2] * s[:2]) @ vt[:2], atol=1e-4)
 
 
-def test_modules_are_aggregated_over_the_clients_that_adapt_them():
+def test_a_client_that_does_not_adapt_a_module_takes_a_zero_step_there():
     qv = {"q": pair([[1.0]], [[1.0]])}
     qkv = {"q": pair([[3.0]], [[3.0]]), "k": pair([[5.0]], [[5.0]])}
     current = {"q": zeros(1, 1, 1), "k": zeros(1, 1, 1), "o": pair([[7.0]], [[7.0]])}
     out = ZeroPad().aggregate(current, [from_zero(qv, 1), from_zero(qkv, 1)])
     np.testing.assert_allclose(out["q"].a, [[2.0]])
-    np.testing.assert_allclose(out["k"].a, [[5.0]])
+    np.testing.assert_allclose(out["k"].a, [[2.5]])  # (5 + 0) / 2
     np.testing.assert_allclose(out["o"].a, [[7.0]])  # nobody adapts it: kept
+    flex = FlexLoRA().aggregate(current, [from_zero(qv, 1), from_zero(qkv, 1)])
+    np.testing.assert_allclose(flex["k"].delta(), [[12.5]], atol=1e-5)  # ΔW (25 + 0) / 2
+    het = HetLoRA().aggregate(current, [from_zero(qv, 1), from_zero(qkv, 1)])
+    np.testing.assert_allclose(het["k"].a, [[5.0]])  # weight by ‖ΔW‖: a client without the module weighs 0
 
 
 def test_unknown_aggregator_is_named():

@@ -4,8 +4,10 @@ Every aggregator moves the current global adapter (at the largest rank) by the c
 update being its trained adapter minus the slice it was sent. Aggregating updates rather than the adapters
 themselves matters once ranks differ: a rank-2 client never held components 3..32 of the global, so it did not
 set them to zero, and averaging its adapter in as if it had would shrink them every round. When every client
-holds the whole global (FedAvg), both ways give the same result. A module is aggregated over the clients that
-adapt it; a module no client adapts is kept.
+holds the whole global (FedAvg), both ways give the same result. A client that does not adapt a module took a
+zero step there, as in FedAvg over the whole model: a module one client of three adapts moves by a third of its
+update, not by all of it (on SmolLM2/GSM8K this took FlexLoRA's gap to FedAvg from +2.9% to +1.6%). A module no
+client adapts is kept.
 """
 
 from __future__ import annotations
@@ -31,6 +33,12 @@ class ModuleUpdate:
     start: LoraPair
     num_examples: int
 
+    @classmethod
+    def zero_step(cls, like: LoraPair, num_examples: int) -> ModuleUpdate:
+        """A client that does not adapt the module: a rank-0 adapter that did not move."""
+        empty = LoraPair(like.a[:0], like.b[:, :0])
+        return cls(empty, empty, num_examples)
+
     def factor_change(self, rank: int) -> LoraPair:
         """(A - A₀, B - B₀), zero-padded to `rank`."""
         return LoraPair(self.trained.a - self.start.a, self.trained.b - self.start.b).padded(rank)
@@ -44,8 +52,16 @@ class Aggregator(ABC):
             raise ValueError("nothing to aggregate: no client replied")
         new = {}
         for name, pair in current.items():
-            rows = [ModuleUpdate(u.state[name], u.start[name], u.num_examples) for u in updates if name in u.state]
-            new[name] = self.aggregate_module(pair, rows) if rows else pair
+            if not any(name in u.state for u in updates):
+                new[name] = pair
+                continue
+            rows = [
+                ModuleUpdate(u.state[name], u.start[name], u.num_examples)
+                if name in u.state
+                else ModuleUpdate.zero_step(pair, u.num_examples)
+                for u in updates
+            ]
+            new[name] = self.aggregate_module(pair, rows)
         return new
 
     @abstractmethod
