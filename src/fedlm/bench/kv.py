@@ -140,7 +140,8 @@ def serve_transmitters(
 
 
 def wire_sizes(transmitter: LoadedModel, text: str, layers: list[int]) -> dict[str, dict[str, float]]:
-    """Bytes per token of every wire format, for all layers and for the fuser's layers, on one real text."""
+    """Bytes per token of every wire format, for all layers and for the fuser's layers, on one real text (the
+    fixed part of a blob, header and per-channel scales, weighs more on a short text)."""
     payload = capture(transmitter, text)
     every = list(range(payload.num_layers))
     raw = bytes_per_token(payload, "fp16", every)
@@ -187,10 +188,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
     ax.set(xlabel="latency per question, p50 (s)", ylabel="accuracy", title="accuracy vs latency")
     ax.legend(fontsize=6)
     ax = axes[-1]
-    sizes = result["wire"]
+    sizes = result["wire"][datasets[-1]]
     ax.bar(range(len(sizes)), [s["bytes_per_token"] for s in sizes.values()], color="#9b4dca")
     ax.set_xticks(range(len(sizes)), list(sizes), rotation=40, ha="right")
-    ax.set(ylabel="bytes per token", title="KV wire size per option")
+    ax.set(ylabel="bytes per token", title=f"KV wire size per option ({datasets[-1]}, first question)")
     curve = result.get("learning_curve")
     if curve and curve.get("eval_loss"):
         inset = ax.inset_axes([0.55, 0.55, 0.42, 0.4])
@@ -271,12 +272,11 @@ def run_benchmark(
         first.fuser_dir or trained_fuser_dir(receiver.name, first.model.name), receiver, first.model
     )
     layers = sorted({t for t in fuser.config.layer_map if t is not None})
-    sample = next(iter(datasets.values()))[0]
     return {
         "receiver": receiver.name,
         "transmitters": [s.model.name for s in specs],
         "modes": modes,
-        "wire": wire_sizes(first.model, mcq_context(sample), layers),
+        "wire": {name: wire_sizes(first.model, mcq_context(rows[0]), layers) for name, rows in datasets.items()},
         "fuser": {k: v for k, v in fuser.config.extra.items() if k != "curve"},
         "learning_curve": fuser.config.extra.get("curve"),
         "summary": summarize(modes, config.quantized),

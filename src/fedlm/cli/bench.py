@@ -273,9 +273,11 @@ def kv(
                 f"{name:>14} {mode:<14} accuracy {m['accuracy']:.3f} (n={m['n']}), latency p50 "
                 f"{m['latency_p50_s'] * 1000:.0f} ms, {m['bytes_per_question']:,.0f} bytes/question"
             )
-    for option, size in result["wire"].items():
-        console.print(
-            f"wire {option:<16} {size['bytes_per_token']:>9,.1f} bytes/token ({size['ratio_to_fp16_all_layers']:.3f}x)"
-        )
+    for dataset, sizes in result["wire"].items():
+        for option, size in sizes.items():
+            console.print(
+                f"wire ({dataset}) {option:<16} {size['bytes_per_token']:>9,.1f} bytes/token "
+                f"({size['ratio_to_fp16_all_layers']:.3f}x)"
+            )
     console.print(f"summary: {json.dumps(result['summary'])}")
     console.print(f"wrote {out / 'kv.json'} and {out / 'kv.png'}")
