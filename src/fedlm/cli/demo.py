@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlm.cli.generate import provenance_line, source_legend
-from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
+from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, LoadedModel
 
 QUESTION = "What is the capital of France?"
 
@@ -86,3 +86,31 @@ def demo_command(
         f"{m.name} {m.load_seconds:.1f} s ({'cached' if cached[m.name] else 'converted now'})" for m in (edge, cloud)
     )
     console.print(f"load times: {loads}")
+    _kv_demo(console, edge, cloud)
+
+
+def _kv_demo(console: Console, edge: LoadedModel, cloud: LoadedModel) -> None:
+    """C2C on one held-out which-play question, when a fuser for the pair has been trained (`fedlm kv train`)."""
+    from fedlm.bench.evaluate import mcq_pairs
+    from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, trained_fuser_dir
+    from fedlm.data.plays import play_questions
+    from fedlm.kvcomm.receiver import KVReceiver
+
+    folder = trained_fuser_dir(edge.name, cloud.name)
+    if not (folder / "fuser_config.json").is_file():
+        console.print(
+            "[bold]KV communication[/]: no trained fuser yet; `fedlm kv train` (about 45 minutes on 2 CPU cores) "
+            "makes one, and the demo then shows the receiver with and without Gemma's cache."
+        )
+        return
+    row = play_questions(1)[0]
+    pairs = mcq_pairs(row)
+    alone = KVScorer(KVReceiver(edge, [])).score(pairs)
+    with serve_transmitters(edge, [TransmitterSpec(cloud, folder)], "int8") as (transmitters, clients):
+        fused = KVScorer(KVReceiver(edge, transmitters), {cloud.name: True}).score(pairs)
+        received = clients[0].traffic.bytes_received
+    pick = {name: row.choices[max(range(len(s)), key=s.__getitem__)] for name, s in (("alone", alone), ("c2c", fused))}
+    console.print(f"[bold]KV communication[/] (held-out question; right answer: {row.choices[row.answer]})")
+    console.print(
+        f"  receiver alone picks {pick['alone']!r}; with Gemma's int8 cache ({received:,} bytes) {pick['c2c']!r}"
+    )
