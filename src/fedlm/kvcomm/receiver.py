@@ -10,6 +10,7 @@ very text; when it read other text (a redacted or rephrased prompt, in privacy m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -61,21 +62,27 @@ class KVReceiver:
     def context_cache(self, context_ids: Sequence[int], mask: Mapping[str, bool] | None = None) -> DynamicCache:
         """The receiver's cache of context[:-1] with the residuals of every transmitter that `mask` lets in.
 
-        The last context token is left out (and read with the target) so that the first target token is predicted
-        by a query that attends to the fused cache, as in training.
+        Transmitters are asked in parallel, and the receiver prefills while they work. The last context token is
+        left out (and read with the target) so that the first target token is predicted by a query that attends to
+        the fused cache, as in training.
         """
         if len(context_ids) < 2:
             raise ValueError("a context needs at least two receiver tokens")
-        own = self.receiver.model(input_ids=torch.tensor([list(context_ids[:-1])]), use_cache=True, logits_to_keep=1)
-        cache = own.past_key_values
         active = [t for t in self.transmitters if mask is None or mask.get(t.name, False)]
+        text, spans = context_text(self.receiver, context_ids)
+        sent = self.rephrase(text) if self.rephrase and active else text
+        with ThreadPoolExecutor(max_workers=max(len(active), 1)) as pool:
+            # every transmitter works in parallel, and while they do, the receiver reads its own context
+            asked = [pool.submit(t.send, sent) for t in active]
+            own = self.receiver.model(
+                input_ids=torch.tensor([list(context_ids[:-1])]), use_cache=True, logits_to_keep=1
+            )
+            payloads = [future.result() for future in asked]
+        cache = own.past_key_values
         if not active:
             return cache
-        text, spans = context_text(self.receiver, context_ids)
-        sent = self.rephrase(text) if self.rephrase else text
         residuals = []
-        for transmitter in active:
-            payload = transmitter.send(sent)
+        for transmitter, payload in zip(active, payloads, strict=True):
             self.received[transmitter.name] = self.received.get(transmitter.name, 0) + payload.seq_len
             pairs = token_map(text, spans, payload)[:-1]
             kv = {layer: payload.kv(layer) for layer in payload.layers}
