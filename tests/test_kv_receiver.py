@@ -202,3 +202,31 @@ def test_the_zeroed_control_feeds_the_fuser_zeros(tiny_llama: LoadedModel, tiny_
     with_cache = KVScorer(KVReceiver(tiny_llama, [real]), {"t": True}).score(PAIRS)
     with_zeros = KVScorer(KVReceiver(tiny_llama, [zeroed(real)]), {"t": True}).score(PAIRS)
     assert with_zeros != pytest.approx(with_cache, abs=1e-5)
+
+
+def test_a_probe_turns_two_requests_into_a_link_estimate() -> None:
+    from fedlm.kvcomm.select import fuser_value, probe_link
+
+    answers = {".": (1, 1_000, 0.05), "a long context": (50, 51_000, 0.15)}
+    link = probe_link("t", 0.4, answers.__getitem__, "a long context")
+    assert link.rtt_s == 0.05 and link.bytes_per_s == pytest.approx(500_000) and link.bytes_per_token == 1020
+    assert link.cost(50) == pytest.approx((0.05 + 51_000 / 500_000, 51_000))
+    assert fuser_value({"curve": {"receiver_alone_loss": 4.0, "eval_loss": [1.5, 1.2, 1.3]}}) == pytest.approx(2.8)
+    assert fuser_value({}) == 0.0 and fuser_value({"curve": {"receiver_alone_loss": 1.0, "eval_loss": [2.0]}}) == 0.0
+
+
+def test_the_qos_mode_measures_links_and_runs_with_what_it_chose(
+    tiny_llama: LoadedModel, tiny_gemma: LoadedModel, tmp_path: Path
+) -> None:
+    from fedlm.bench.kv import qos_mode
+
+    fuser = _fuser(tiny_llama, tiny_gemma, 5)
+    fuser.config.extra = {"curve": {"receiver_alone_loss": 3.0, "eval_loss": [2.0]}}
+    fuser.save(tmp_path / "fuser")
+    rows = [McqRow(question="What is the capital of France?", choices=["Paris", "Rome"], answer=0)]
+    with serve_transmitters(tiny_llama, [TransmitterSpec(tiny_gemma, tmp_path / "fuser")]) as (transmitters, clients):
+        kv = KVReceiver(tiny_llama, transmitters)
+        generous = qos_mode(kv, clients, rows, 60.0, lambda: clients[0].traffic.bytes_received)
+        strict = qos_mode(kv, clients, rows, 0.0, lambda: clients[0].traffic.bytes_received)
+    assert generous["chosen"] == [tiny_gemma.name] and generous["links"][0]["value"] == pytest.approx(1.0)
+    assert strict["chosen"] == [] and strict["bytes_per_question"] == 0

@@ -14,7 +14,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from itertools import groupby
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from fedlm.data.jsonl import McqRow
 from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.fuser import CacheFuser, default_fuser_dir
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter
+from fedlm.kvcomm.select import fuser_value, probe_link, select
 from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
 from fedlm.kvcomm.wire import KVPayload, WireFormat, bytes_per_token, capture
 from fedlm.models import LoadedModel
@@ -155,6 +156,32 @@ def wire_sizes(transmitter: LoadedModel, text: str, layers: list[int]) -> dict[s
     }
 
 
+def qos_mode(
+    kv: KVReceiver,
+    clients: Sequence[TransmitterClient],
+    rows: list[McqRow],
+    latency_budget_s: float,
+    wire_bytes: Callable[[], int],
+) -> dict[str, Any]:
+    """Measure every transmitter's link on the first question, choose the subset that fits the budget, and run
+    every question with that participation mask."""
+    context = mcq_context(rows[0])
+
+    def stats(text: str, t: Transmitter, client: TransmitterClient) -> tuple[int, int, float]:
+        start, before = time.perf_counter(), client.traffic.bytes_received
+        payload = t.send(text)
+        return payload.seq_len, client.traffic.bytes_received - before, time.perf_counter() - start
+
+    estimates = [
+        probe_link(t.name, fuser_value(t.fuser.config.extra), lambda text, t=t, c=c: stats(text, t, c), context)
+        for t, c in zip(kv.transmitters, clients, strict=True)
+    ]
+    tokens = len(kv.receiver.tokenizer(context)["input_ids"])
+    chosen = select(estimates, tokens, latency_budget_s)
+    result = run_mode(rows, KVScorer(kv, chosen.mask(estimates), wire_bytes=wire_bytes))
+    return {**result, "chosen": list(chosen.names), "links": [asdict(e) for e in estimates]}
+
+
 def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Accuracy, per-question latency (p50, mean) and transmitter bytes per question of one mode."""
     result = evaluate_mcq(rows, scorer, progress)
@@ -209,6 +236,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 class KVBenchConfig:
     hint_tokens: int = 24
     private_rows: int = 20  # questions also run with every transmitter prompt rephrased on the device
+    latency_budget_s: float = 0.5  # for the QoS-selected mode (0: skip it)
     quantized: WireFormat = "int8"
 
 
@@ -257,6 +285,9 @@ def run_benchmark(
                     modes[name]["c2c-2"] = run_mode(rows, KVScorer(kv, both, wire_bytes=received))
                 if fmt != "fp16":
                     continue
+                if config.latency_budget_s:
+                    progress(f"{name}: c2c-qos (transmitters chosen within {config.latency_budget_s:.2f} s)")
+                    modes[name]["c2c-qos"] = qos_mode(kv, clients, rows, config.latency_budget_s, received)
                 progress(f"{name}: c2c-1-zeroed (control: the fuser fed an all-zero transmitter cache)")
                 control = KVReceiver(receiver, [zeroed(transmitters[0])])
                 modes[name]["c2c-1-zeroed"] = run_mode(rows, KVScorer(control, {names[0]: True}))

@@ -230,6 +230,9 @@ def kv(
     heldout_rows: int = typer.Option(60, "--heldout-rows", min=0, help="Held-out which-play questions (0: skip)."),
     private_rows: int = typer.Option(20, "--private-rows", min=0, help="Questions also run in privacy mode."),
     hint_tokens: int = typer.Option(24, "--hint-tokens", min=1, help="Length of the T2T hint."),
+    latency_budget_ms: float = typer.Option(
+        500.0, "--latency-budget-ms", min=0, help="Budget for the QoS-selected mode (c2c-qos); 0 skips it."
+    ),
     out: Path = typer.Option(Path("runs/bench-kv"), "--out", help="Folder for kv.json and kv.png."),
 ) -> None:
     """Receiver alone vs T2T vs C2C (1 and 2 transmitters, quantized wire, privacy mode) on MCQ; KV bytes/token."""
@@ -263,7 +266,9 @@ def kv(
                 f"no trained fuser in {folder}: run `fedlm kv train --transmitter {spec.model.name} --out {folder}`",
                 param_hint="--fuser",
             )
-    config = KVBenchConfig(hint_tokens=hint_tokens, private_rows=private_rows)
+    config = KVBenchConfig(
+        hint_tokens=hint_tokens, private_rows=private_rows, latency_budget_s=latency_budget_ms / 1000
+    )
     result = run_benchmark(r, specs, datasets, config, lambda line: console.print(f"[bold]bench kv[/]: {line}"))
     _write_atomically(out / "kv.json", json.dumps(result, indent=2) + "\n")
     plot(result, out / "kv.png")

@@ -8,6 +8,7 @@ the handful of transmitters a receiver knows, every subset is tried: the answer 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import combinations
 
@@ -70,3 +71,25 @@ def select(
             if (option.value, -option.seconds, -option.bytes) > (best.value, -best.seconds, -best.bytes):
                 best = option
     return best
+
+
+def fuser_value(extra: dict) -> float:
+    """A fuser's expected benefit: how far its best held-out loss fell below the receiver alone's (nats/token)."""
+    curve = extra.get("curve") or {}
+    alone, losses = curve.get("receiver_alone_loss"), curve.get("eval_loss") or []
+    return max(alone - min(losses), 0.0) if alone is not None and losses else 0.0
+
+
+def probe_link(
+    name: str, value: float, encode: Callable[[str], tuple[int, int, float]], text: str, floor_s: float = 1e-4
+) -> LinkEstimate:
+    """Measure a transmitter: `encode(text)` returns (tokens, wire bytes, seconds) of one real request.
+
+    A one-character request gives the round trip (with a near-empty prefill); the full text gives the rest. The
+    difference in time over the difference in bytes is the link speed as the receiver sees it (prefill included,
+    so it errs on the slow side).
+    """
+    _, small_bytes, small_s = encode(".")
+    tokens, big_bytes, big_s = encode(text)
+    extra_bytes, extra_s = max(big_bytes - small_bytes, 1), max(big_s - small_s, floor_s)
+    return LinkEstimate(name, value, small_s, extra_bytes / extra_s, big_bytes / max(tokens, 1))
