@@ -67,30 +67,9 @@ def test_adapter_folder_is_applied_to_the_edge(tiny_model_dir: Path, tiny_url: s
     torch.manual_seed(0)
     lora = get_peft_model(base.model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
     lora.save_pretrained(tmp_path / "adapter")
-    plain = _generate("Hello there", "--edge", str(tiny_model_dir), "--cloud", "none", "--max-tokens", "8")
-    adapted = _generate(
-        "Hello there",
-        "--edge",
-        str(tiny_model_dir),
-        "--adapter",
-        str(tmp_path / "adapter"),
-        "--cloud",
-        "none",
-        "--max-tokens",
-        "8",
-    )
+    edge = ["Hello there", "--edge", str(tiny_model_dir), "--max-tokens", "8"]
+    plain = _generate(*edge, "--cloud", "none")
+    adapted = _generate(*edge, "--adapter", str(tmp_path / "adapter"), "--cloud", "none")
     assert adapted["tokens"] != plain["tokens"]  # the adapter changed what the edge says
-    fused = _generate(
-        "Hello there",
-        "--edge",
-        str(tiny_model_dir),
-        "--adapter",
-        str(tmp_path / "adapter"),
-        "--cloud",
-        tiny_url,
-        "--fusion",
-        "proxy",
-        "--max-tokens",
-        "8",
-    )
+    fused = _generate(*edge, "--adapter", str(tmp_path / "adapter"), "--cloud", tiny_url, "--fusion", "proxy")
     assert fused["cloud_calls"] > 0 and len(fused["tokens"]) == 8

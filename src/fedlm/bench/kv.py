@@ -269,7 +269,7 @@ def run_benchmark(
             modes[name]["t2t"] = run_mode(rows, KVScorer(alone, hint=hint))
     for fmt in ("fp16", config.quantized):
         with serve_transmitters(receiver, specs, fmt) as (transmitters, clients):
-            names = [t.name for t in transmitters]
+            names, fuser = [t.name for t in transmitters], transmitters[0].fuser
 
             def received(clients: list[TransmitterClient] = clients) -> int:
                 return sum(c.traffic.bytes_received + c.traffic.bytes_sent for c in clients)
@@ -299,9 +299,6 @@ def run_benchmark(
                     modes[name]["c2c-1-private"] = run_mode(first_rows, scorer)
                     same_rows = KVScorer(kv, {names[0]: True}, wire_bytes=received)
                     modes[name]["c2c-1-same-rows-as-private"] = run_mode(first_rows, same_rows)
-    fuser = CacheFuser.load(
-        first.fuser_dir or trained_fuser_dir(receiver.name, first.model.name), receiver, first.model
-    )
     layers = sorted({t for t in fuser.config.layer_map if t is not None})
     return {
         "receiver": receiver.name,

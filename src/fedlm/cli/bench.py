@@ -241,6 +241,7 @@ def kv(
     from fedlm.bench.kv import KVBenchConfig, TransmitterSpec, plot, run_benchmark, trained_fuser_dir
     from fedlm.data.jsonl import DataError, McqRow, read_rows
     from fedlm.data.plays import play_questions
+    from fedlm.kvcomm.fuser import is_trained
     from fedlm.models import load
     from fedlm.models.loader import load_spec
 
@@ -261,7 +262,7 @@ def kv(
             raise typer.BadParameter(str(err), param_hint="--second-transmitter") from err
     for spec in specs:
         folder = spec.fuser_dir or trained_fuser_dir(r.name, spec.model.name)
-        if not (folder / "fuser_config.json").is_file():
+        if not is_trained(folder):
             raise typer.BadParameter(
                 f"no trained fuser in {folder}: run `fedlm kv train --transmitter {spec.model.name} --out {folder}`",
                 param_hint="--fuser",

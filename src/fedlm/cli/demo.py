@@ -94,10 +94,11 @@ def _kv_demo(console: Console, edge: LoadedModel, cloud: LoadedModel) -> None:
     from fedlm.bench.evaluate import mcq_pairs
     from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, trained_fuser_dir
     from fedlm.data.plays import play_questions
+    from fedlm.kvcomm.fuser import is_trained
     from fedlm.kvcomm.receiver import KVReceiver
 
     folder = trained_fuser_dir(edge.name, cloud.name)
-    if not (folder / "fuser_config.json").is_file():
+    if not is_trained(folder):
         console.print(
             "[bold]KV communication[/]: no trained fuser yet; `fedlm kv train` (about 45 minutes on 2 CPU cores) "
             "makes one, and the demo then shows the receiver with and without Gemma's cache."

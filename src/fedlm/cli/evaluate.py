@@ -137,17 +137,12 @@ def _kv(
 ) -> tuple[dict, Any]:
     """--mode kv: the transmitter served on loopback, its cache fused into the edge's context through `fuser`."""
     from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, trained_fuser_dir
-    from fedlm.kvcomm.fuser import FuserMismatchError
+    from fedlm.kvcomm.fuser import FuserError
     from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.models import load
 
     receiver, sender = load(edge, quiet=quiet), load(transmitter, quiet=quiet)
     folder = fuser or trained_fuser_dir(receiver.name, sender.name)
-    if not (folder / "fuser_config.json").is_file():
-        raise typer.BadParameter(
-            f"no trained fuser in {folder}: run `fedlm kv train --receiver {edge} --transmitter {transmitter}`",
-            param_hint="--fuser",
-        )
     try:
         with serve_transmitters(receiver, [TransmitterSpec(sender, folder)]) as (transmitters, clients):
             scorer = KVScorer(
@@ -157,7 +152,7 @@ def _kv(
                 wire_bytes=lambda: clients[0].traffic.bytes_received + clients[0].traffic.bytes_sent,
             )
             result = run(rows, scorer, advance)
-    except FuserMismatchError as err:
+    except FuserError as err:
         raise typer.BadParameter(str(err), param_hint="--fuser") from err
     result["bytes_per_text"] = round(sum(scorer.bytes) / max(len(scorer.bytes), 1), 1)
     return result, scorer

@@ -262,14 +262,12 @@ def ask(
     import time
 
     from fedlm.bench.kv import TransmitterSpec, serve_transmitters, trained_fuser_dir
-    from fedlm.kvcomm.fuser import FuserMismatchError
+    from fedlm.kvcomm.fuser import FuserError
     from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.models import load
 
     r, t = load(receiver, quiet=True), load(transmitter, quiet=True)
     folder = fuser or trained_fuser_dir(r.name, t.name)
-    if not (folder / "fuser_config.json").is_file():
-        raise typer.BadParameter(f"no trained fuser in {folder}: run `fedlm kv train` first", param_hint="--fuser")
     ids = r.tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
     start = time.perf_counter()
     alone = KVReceiver(r, []).generate(ids, max_tokens)
@@ -279,7 +277,7 @@ def ask(
             start = time.perf_counter()
             fused = KVReceiver(r, transmitters).generate(ids, max_tokens, {t.name: True})
             fused_s, received = time.perf_counter() - start, clients[0].traffic.bytes_received
-    except FuserMismatchError as err:
+    except FuserError as err:
         raise typer.BadParameter(str(err), param_hint="--fuser") from err
     report = {
         "question": question,

@@ -35,8 +35,17 @@ TransmitterKV = Mapping[int, KV] | Sequence[KV | None]
 Residuals = dict[int, KV]  # receiver layer -> (ΔK, ΔV), each [batch, kv_heads, rows, head_dim]
 
 
-class FuserMismatchError(ValueError):
+class FuserError(ValueError):
+    """A fuser checkpoint that cannot serve this model pair."""
+
+
+class FuserMismatchError(FuserError):
     """A fuser checkpoint was trained for another receiver/transmitter pair."""
+
+
+def is_trained(folder: str | Path) -> bool:
+    """Whether `folder` holds a saved fuser."""
+    return (Path(folder) / CONFIG_FILE).is_file()
 
 
 def kv_layout(model: PreTrainedModel) -> tuple[int, int, int]:
@@ -255,6 +264,8 @@ class CacheFuser(nn.Module):
         Each of `receiver`/`transmitter` is the model itself or its `wire.model_fingerprint` (a KV blob carries it).
         """
         folder = Path(folder)
+        if not is_trained(folder):
+            raise FuserError(f"no trained fuser in {folder}: train one for this model pair with `fedlm kv train`")
         config = FuserConfig.from_json((folder / CONFIG_FILE).read_text())
         for role, given, expected, name in (
             ("receiver", receiver, config.receiver_fingerprint, config.receiver),

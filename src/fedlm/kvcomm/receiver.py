@@ -69,7 +69,7 @@ class KVReceiver:
         if len(context_ids) < 2:
             raise ValueError("a context needs at least two receiver tokens")
         active = [t for t in self.transmitters if mask is None or mask.get(t.name, False)]
-        text, spans = context_text(self.receiver, context_ids)
+        text, spans = context_text(self.receiver, context_ids) if active else ("", [])
         sent = self.rephrase(text) if self.rephrase and active else text
         with ThreadPoolExecutor(max_workers=max(len(active), 1)) as pool:
             # every transmitter works in parallel, and while they do, the receiver reads its own context
