@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,10 +83,30 @@ def quality(
 
 
 def speed(
-    edge: LoadedModel, url: str, rtts: Sequence[float], lookaheads: Sequence[int], max_tokens: int, deadline_ms: float
+    edge: LoadedModel,
+    url: str,
+    rtts: Sequence[float],
+    lookaheads: Sequence[int],
+    max_tokens: int,
+    deadline_ms: float,
+    cloud_busy: Callable[[], AbstractContextManager[None]] | None = None,
 ) -> dict[str, Any]:
-    """Tokens/s of fused generation relative to edge-only, per simulated RTT and lookahead."""
-    base = fuse_once(edge, make_rule("none"), SPEED_PROMPT, FusionConfig(max_tokens=max_tokens))
+    """Tokens/s of fused generation relative to edge-only, per simulated RTT and lookahead.
+
+    With `cloud_busy` (a context that keeps the cloud computing nonstop), edge-only is also timed beside that busy
+    cloud: on one machine the two models share memory bandwidth, and that ratio is the ceiling the placement
+    itself puts on fused speed, whatever the protocol does.
+    """
+    edge_only = FusionConfig(max_tokens=max_tokens)
+    base = fuse_once(edge, make_rule("none"), SPEED_PROMPT, edge_only)
+    ceiling = {}
+    if cloud_busy is not None:
+        with cloud_busy():
+            beside = fuse_once(edge, make_rule("none"), SPEED_PROMPT, edge_only)
+        ceiling = {
+            "edge_tokens_per_s_cloud_busy": round(beside.tokens_per_s, 2),
+            "co_location_ceiling": round(beside.tokens_per_s / base.tokens_per_s, 3),
+        }
     runs = []
     for rtt in rtts:
         for k in lookaheads:
@@ -107,6 +128,7 @@ def speed(
             )
     return {
         "edge_tokens_per_s": round(base.tokens_per_s, 2),
+        **ceiling,
         "max_tokens": max_tokens,
         "deadline_ms": deadline_ms,
         "runs": runs,
@@ -132,6 +154,9 @@ def plot(result: dict[str, Any], path: Path) -> None:
         points = [(r["rtt_ms"], r["ratio_to_edge"]) for r in runs if r["lookahead"] == k]
         ax.plot(*zip(*points, strict=True), marker="o", label=f"lookahead {k}")
     ax.axhline(1.0, color="grey", linestyle=":")
+    if "co_location_ceiling" in result["speed"]:
+        ceiling = result["speed"]["co_location_ceiling"]
+        ax.axhline(ceiling, color="#c0392b", linestyle="--", label="edge-only, cloud busy")
     ax.set_xlabel("simulated RTT (ms)")
     ax.set_ylabel("tokens/s relative to edge-only")
     ax.set_title("speed")

@@ -4,10 +4,16 @@ A cloud LLM runs on hardware of its own. Started in the benchmark's own process 
 it is meant to help, and the slowdown measured is then mostly that contention, not the protocol. `separate_cores`
 emulates the real placement on one machine: the cloud is a `fedlm cloud serve` process pinned to cores of its
 own, the edge keeps the others, and the edge-only baseline is measured under the same pinning.
+
+Separate cores still share the memory bus and the last-level cache, which a remote cloud would not: both models
+are memory-bound on a CPU. `busy_cloud` measures that leftover contention, so a benchmark can tell it apart from
+what the protocol costs.
 """
 
 from __future__ import annotations
 
+import itertools
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -16,6 +22,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -91,3 +98,36 @@ def separate_cores(model: str, cloud_cores: int = 1, startup_timeout_s: float = 
             process.kill()
             process.wait()
         log.unlink(missing_ok=True)
+
+
+def _keep_busy(url: str, model: str, cores: set[int], answered: Any) -> None:
+    """Send scoring requests back to back until terminated (runs in a process of its own, on the cloud's cores);
+    sets `answered` once the first one is back."""
+    os.sched_setaffinity(0, cores)
+    with httpx.Client(timeout=120.0) as client:
+        for i in itertools.count():
+            prompt = f"User: Explain in a few sentences why the sky is blue.\nAssistant: Light {i}"
+            body = {"model": model, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 20}
+            client.post(f"{url}/completions", json=body)
+            answered.set()
+
+
+@contextmanager
+def busy_cloud(url: str, model: str, cloud_cores: list[int], startup_timeout_s: float = 120.0) -> Iterator[None]:
+    """Keep `model` at `url` computing nonstop while the block runs: its load during fused decoding, as an
+    upper bound, without any of the protocol's work on the edge's side."""
+    context = multiprocessing.get_context("spawn")  # a fork would copy this process's torch threads
+    answered = context.Event()
+    process = context.Process(
+        target=_keep_busy, args=(url, model, set(cloud_cores), answered), name="fedlm-busy-cloud", daemon=True
+    )
+    process.start()
+    try:
+        deadline = time.monotonic() + startup_timeout_s
+        while not answered.wait(0.25):
+            if not process.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the load on {url} got no answer (exit code {process.exitcode})")
+        yield
+    finally:
+        process.terminate()
+        process.join(timeout=15)

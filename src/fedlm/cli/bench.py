@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import typer
@@ -163,7 +164,7 @@ def fusion(
     from rich.console import Console
 
     from fedlm.bench.fusion import plot, quality, speed
-    from fedlm.bench.placement import separate_cores
+    from fedlm.bench.placement import busy_cloud, separate_cores
     from fedlm.bench.scorers import CloudScorer
     from fedlm.cli.options import EMBEDDED, cloud_url
     from fedlm.data.gsm8k import load_gsm8k
@@ -197,9 +198,11 @@ def fusion(
             result["speed"] = {**speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms), **where}
     if separate:
         console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only; cloud on a core of its own)")
-        with separate_cores(model or CLOUD_DEFAULT) as where:
-            runs = speed(edge_model, where.pop("url"), rtt_list, k_list, max_tokens, deadline_ms)
-            result["speed"] = {**runs, **where}
+        cloud_name = model or CLOUD_DEFAULT
+        with separate_cores(cloud_name) as where:
+            url = where.pop("url")
+            busy = partial(busy_cloud, url, cloud_name, where["cloud_cores"])
+            result["speed"] = {**speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms, busy), **where}
     _write_atomically(out / "fusion.json", json.dumps(result, indent=2) + "\n")
     plot(result, out / "fusion.png")
     for name, modes in result["quality"].items():
@@ -209,6 +212,11 @@ def fusion(
             f"rtt {run['rtt_ms']:>5.0f} ms, lookahead {run['lookahead']}: {run['ratio_to_edge']:.2f}x edge-only "
             f"({run['tokens_per_s']} tok/s, cloud-informed {run['cloud_informed_share']:.0%}, "
             f"fallbacks {run['fallbacks']})"
+        )
+    if "co_location_ceiling" in result["speed"]:
+        console.print(
+            f"edge-only beside a cloud computing nonstop: {result['speed']['edge_tokens_per_s_cloud_busy']} tok/s, "
+            f"{result['speed']['co_location_ceiling']:.2f}x edge-only (the ceiling this machine's placement allows)"
         )
     console.print(
         f"edge-only {result['speed']['edge_tokens_per_s']} tok/s; wrote {out / 'fusion.json'} and {out / 'fusion.png'}"
