@@ -17,6 +17,7 @@ from fedlm.kvcomm.train import (
     prepare,
     response_loss,
     train,
+    zeroed,
 )
 from fedlm.models.loader import LoadedModel
 from fedlm.models.tiny import tiny_tokenizer
@@ -227,6 +228,12 @@ def test_training_fits_a_small_fixed_batch(receiver, transmitter) -> None:
     assert curve.best_step == curve.eval_steps[curve.eval_loss.index(min(curve.eval_loss))]
     examples = [prepare(receiver, transmitter, pair) for pair in PAIRS]
     assert evaluate(fuser, receiver, transmitter, examples) == pytest.approx(min(curve.eval_loss), rel=1e-5)
+    # The control reads the same pairs with every transmitter key and value zeroed, and differs from the fused loss.
+    prefills = [prefill(receiver, transmitter, e) for e in examples]
+    assert all(not k.any() and not v.any() for p in prefills for k, v in zeroed(p).transmitter_kv)
+    control = evaluate(fuser, receiver, transmitter, examples, lambda i: zeroed(prefills[i]))
+    assert curve.zeroed_transmitter_loss == pytest.approx(control, rel=1e-5)
+    assert control != pytest.approx(min(curve.eval_loss), rel=1e-3)
 
 
 def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter, tmp_path: Path) -> None:

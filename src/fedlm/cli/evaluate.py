@@ -67,6 +67,7 @@ def eval_command(
     from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.kvcomm.t2t import TextTransmitter
     from fedlm.models import UnknownModelError, load
+    from fedlm.models.loader import load_spec
 
     try:
         rule = make_rule(fusion)
@@ -94,7 +95,7 @@ def eval_command(
                 progress.update(bar, advance=n)
 
             if mode is Mode.edge:
-                scorer = LocalScorer(load(edge, quiet=as_json))
+                scorer = LocalScorer(load_spec(edge, quiet=as_json))
                 result = run(rows, scorer, advance)
             elif mode is Mode.kv:
                 result, scorer = _kv(rows, run, advance, edge, transmitter, fuser, as_json)

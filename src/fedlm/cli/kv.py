@@ -240,11 +240,17 @@ def train(
     staging = fuser.cpu().save(folder.with_name(f".{folder.name}.partial"))  # a reader never sees half a fuser
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
-    alone = f"{curve.receiver_alone_loss:.4f}" if curve.receiver_alone_loss is not None else "-"
-    fused = f"{curve.eval_loss[-1]:.4f}" if curve.eval_loss else "-"
+
+    def shown(loss: float | None) -> str:
+        return "-" if loss is None else f"{loss:.4f}"
+
+    fused = "-"
+    if curve.best_step is not None:
+        fused = f"{curve.eval_loss[curve.eval_steps.index(curve.best_step)]:.4f} (step {curve.best_step})"
     console.print(
         f"[bold]fedlm kv train[/]: {steps} steps in {curve.seconds:.0f}s; held-out loss per token: receiver alone "
-        f"{alone}, fused {fused}; saved {folder}"
+        f"{shown(curve.receiver_alone_loss)}, fused {fused}, fused with the transmitter's cache zeroed "
+        f"{shown(curve.zeroed_transmitter_loss)}; saved {folder}"
     )
 
 

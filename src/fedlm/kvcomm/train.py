@@ -67,6 +67,7 @@ class LearningCurve:
     eval_steps: list[int] = field(default_factory=list)
     eval_loss: list[float] = field(default_factory=list)  # held-out, hard gates, per response token
     receiver_alone_loss: float | None = None  # the same held-out pairs without any fusion
+    zeroed_transmitter_loss: float | None = None  # the final fuser fed all-zero transmitter caches: the control
     best_step: int | None = None  # whose weights the fuser ends with, under `keep_best`
     seconds: float = 0.0
 
@@ -104,6 +105,13 @@ def prefill_transmitter(transmitter: LoadedModel, transmitter_ids: Sequence[int]
 def prefill(receiver: LoadedModel, transmitter: LoadedModel, example: Example) -> Prefill:
     transmitter_kv, transmitter_len = prefill_transmitter(transmitter, example.transmitter_ids)
     return Prefill(prefill_receiver(receiver, example.context_ids), transmitter_kv, transmitter_len)
+
+
+def zeroed(prefilled: Prefill) -> Prefill:
+    """The same prefill with the transmitter's cache all zero: what the fuser does with it is its own adaptation
+    of the receiver's cache, so only a fused loss below this one came from the transmitter."""
+    kv = [(torch.zeros_like(k), torch.zeros_like(v)) for k, v in prefilled.transmitter_kv]
+    return Prefill(prefilled.receiver_cache, kv, prefilled.transmitter_len)
 
 
 def response_loss(receiver: LoadedModel, cache: DynamicCache, example: Example) -> tuple[Tensor, int]:
@@ -167,7 +175,8 @@ def train(
     The fuser must already sit on the models' device (`fuser.to(receiver.model.device)` on a GPU).
 
     Returns the training loss per step and the held-out loss every `eval_every` steps and at the end, next to
-    the receiver-alone loss on the same held-out pairs. With held-out pairs and `keep_best`, the fuser ends on
+    the receiver-alone loss on the same held-out pairs and, as a control, the final fuser's loss with the
+    transmitter's cache zeroed. With held-out pairs and `keep_best`, the fuser ends on
     the weights of its best held-out evaluation.
     """
     config = config or TrainConfig()
@@ -228,6 +237,9 @@ def train(
             bar.update(task, advance=1, description=f"loss {step_loss:.3f}{held} τ {fuser.temperature:.2f}")
     if curve.best_step is not None:
         fuser.load_state_dict(best)
+    if heldout:
+        control = evaluate(fuser, receiver, transmitter, heldout, lambda i: zeroed(heldout_prefill(i)))
+        curve.zeroed_transmitter_loss = control
     fuser.eval()
     curve.seconds = time.perf_counter() - start
     return curve
