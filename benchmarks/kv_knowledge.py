@@ -1,0 +1,178 @@
+"""Does a KV cache carry what its transmitter knows? On facts only the transmitter knows, side by side in one run:
+receiver alone, transmitter alone, T2T (a hint), C2C, and C2C with the transmitter's cache zeroed (the control).
+
+The transmitter is the edge model with a LoRA adapter that memorised every fact of `fedlm.data.facts` (trained
+here, as a device trains on its own data, then merged); the receiver is the base edge model. The fuser trains on
+some facts and is tested on the others, which it never saw: on those, only what it reads off the transmitter's
+cache can lift C2C above the zeroed control.
+
+    .venv/bin/python benchmarks/kv_knowledge.py [--facts 240] [--train-facts 180] [--fuser-steps 250]
+
+The adapter and the fuser are kept under <cache>/adapters and <cache>/fusers and reused (--retrain: train anew).
+Writes runs/bench-kv-knowledge/kv_knowledge.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+
+from fedlm.bench.evaluate import evaluate_mcq, mcq_context
+from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters, zeroed
+from fedlm.bench.scorers import LocalScorer
+from fedlm.cloud.client import CloudClient
+from fedlm.cloud.engine import Engine
+from fedlm.cloud.service import background_service
+from fedlm.data.facts import city_facts, fact_questions
+from fedlm.data.jsonl import McqRow
+from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, default_fuser_dir, is_trained
+from fedlm.kvcomm.receiver import KVReceiver
+from fedlm.kvcomm.t2t import TextTransmitter
+from fedlm.kvcomm.train import TrainConfig, train
+from fedlm.models import EDGE_DEFAULT, LoadedModel, load
+from fedlm.models.cache import cache_root
+from fedlm.models.loader import with_adapter
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def answer_token(model: LoadedModel, row: McqRow, choice: int) -> int:
+    return model.tokenizer(f" {row.choices[choice]}", add_special_tokens=False)["input_ids"][0]
+
+
+@torch.no_grad()
+def recall(model, tokenizer, rows: list[McqRow], choice_ids: torch.Tensor) -> float:
+    """Share of questions whose right answer is the model's likeliest first answer token among the choices."""
+    right = 0
+    for start in range(0, len(rows), 64):
+        batch = rows[start : start + 64]
+        enc = tokenizer([mcq_context(r) for r in batch], return_tensors="pt", padding=True)
+        picked = model(**enc).logits[:, -1][:, choice_ids].argmax(-1)
+        right += int((picked == torch.tensor([r.answer for r in batch])).sum())
+    return right / len(rows)
+
+
+def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float, max_steps: int) -> dict:
+    """Fit a rank-16 LoRA until it recalls `target` of the facts (cross-entropy on the answer token only)."""
+    model = get_peft_model(edge.model, LoraConfig(r=16, lora_alpha=16, target_modules=list(TARGETS)))
+    tokenizer, side = edge.tokenizer, edge.tokenizer.padding_side
+    tokenizer.padding_side = "left"  # every row's last position is its own "Answer:"
+    choice_ids = torch.tensor([answer_token(edge, rows[0], i) for i in range(len(rows[0].choices))])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    rng, start, steps, recalled = random.Random(0), time.perf_counter(), 0, 0.0
+    while steps < max_steps and recalled < target:
+        model.train()
+        for _ in range(50):
+            batch = rng.sample(rows, 16)
+            enc = tokenizer([mcq_context(r) for r in batch], return_tensors="pt", padding=True)
+            logits = model(**enc).logits[:, -1].float()
+            loss = torch.nn.functional.cross_entropy(logits, choice_ids[[r.answer for r in batch]])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            steps += 1
+        model.eval()
+        recalled = recall(model, tokenizer, rows, choice_ids)
+        print(f"adapter: {steps} steps, recalls {recalled:.3f} of the facts ({time.perf_counter() - start:.0f} s)")
+    tokenizer.padding_side = side
+    staging = folder.with_name(f".{folder.name}.partial")
+    model.save_pretrained(staging)
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return {"steps": steps, "recall": round(recalled, 4), "seconds": round(time.perf_counter() - start, 1)}
+
+
+def fit_fuser(receiver: LoadedModel, transmitter: LoadedModel, train_rows, heldout_rows, steps: int, folder: Path):
+    pairs = [(mcq_context(r), f" {r.choices[r.answer]}") for r in train_rows]
+    heldout = [(mcq_context(r), f" {r.choices[r.answer]}") for r in heldout_rows]
+    fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, "last", 256))
+    curve = train(fuser, receiver, transmitter, pairs, heldout, TrainConfig(steps=steps, accumulate=4, lr=1e-3))
+    fuser.config.extra = {"data": "city-facts", "train_pairs": len(pairs), "curve": curve.__dict__}
+    staging = fuser.save(folder.with_name(f".{folder.name}.partial"))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return curve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--edge", default=EDGE_DEFAULT)
+    parser.add_argument("--facts", type=int, default=240)
+    parser.add_argument("--train-facts", type=int, default=180, help="Facts the fuser trains on; the rest test it.")
+    parser.add_argument("--fuser-steps", type=int, default=250)
+    parser.add_argument("--recall-target", type=float, default=0.95)
+    parser.add_argument("--max-adapter-steps", type=int, default=800)
+    parser.add_argument("--retrain", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("runs/bench-kv-knowledge"))
+    args = parser.parse_args()
+    if not 0 < args.train_facts < args.facts:
+        parser.error("--train-facts must leave some of --facts to test on")
+    rows = fact_questions(city_facts(args.facts))
+    train_rows, test_rows = rows[: args.train_facts], rows[args.train_facts :]
+    receiver = load(args.edge, quiet=True)
+    adapter_dir = cache_root() / "adapters" / f"{receiver.name}-city-facts-{args.facts}"
+    report: dict = {"facts": args.facts, "train_facts": args.train_facts, "test_facts": len(test_rows)}
+    if args.retrain or not (adapter_dir / "adapter_config.json").is_file():
+        fresh = load(args.edge, quiet=True)
+        report["adapter"] = memorise(fresh, rows, adapter_dir, args.recall_target, args.max_adapter_steps)
+    transmitter = with_adapter(load(args.edge, quiet=True), adapter_dir, merge=True)
+    fuser_dir = default_fuser_dir(receiver.name, transmitter.name)
+    if args.retrain or not is_trained(fuser_dir):
+        curve = fit_fuser(receiver, transmitter, train_rows, test_rows, args.fuser_steps, fuser_dir)
+    else:
+        curve = CacheFuser.load(fuser_dir, receiver, transmitter).config.extra["curve"]
+    curve = curve if isinstance(curve, dict) else curve.__dict__
+    report["fuser_curve"] = {k: curve[k] for k in ("eval_steps", "eval_loss", "receiver_alone_loss", "best_step")}
+    report["fuser_curve"]["zeroed_transmitter_loss"] = curve.get("zeroed_transmitter_loss")
+
+    modes: dict = {}
+    alone = KVReceiver(receiver, [])
+    modes["receiver"] = run_mode(test_rows, KVScorer(alone))
+    modes["transmitter-alone"] = {"accuracy": round(evaluate_mcq(test_rows, LocalScorer(transmitter))["accuracy"], 4)}
+    with background_service(Engine(transmitter)) as url, CloudClient(url) as cloud:
+        modes["t2t"] = run_mode(test_rows, KVScorer(alone, hint=TextTransmitter(cloud, 8)))
+    with serve_transmitters(receiver, [TransmitterSpec(transmitter, fuser_dir)]) as (transmitters, clients):
+        name = transmitters[0].name
+
+        def moved() -> int:
+            return clients[0].traffic.bytes_sent + clients[0].traffic.bytes_received
+
+        modes["c2c"] = run_mode(test_rows, KVScorer(KVReceiver(receiver, transmitters), {name: True}, wire_bytes=moved))
+        control = KVReceiver(receiver, [zeroed(transmitters[0])])
+        modes["c2c-zeroed"] = run_mode(test_rows, KVScorer(control, {name: True}))
+    report["modes"] = modes
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kv_knowledge.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(modes, len(rows[0].choices), args.out / "kv_knowledge.png")
+    print(f"{len(test_rows)} facts the fuser never saw (chance {1 / len(rows[0].choices):.3f}):")
+    for mode, result in modes.items():
+        print(f"  {mode:18s} accuracy {result['accuracy']:.3f}")
+    print(f"wrote {args.out / 'kv_knowledge.json'} and {args.out / 'kv_knowledge.png'}")
+
+
+def plot(modes: dict, choices: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar(list(modes), [m["accuracy"] for m in modes.values()], color="#2a7ab0")
+    ax.axhline(1 / choices, color="grey", linestyle=":", label="chance")
+    ax.set_ylabel("accuracy on facts the fuser never saw")
+    ax.set_title("what the transmitter's cache carries")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
