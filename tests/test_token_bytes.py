@@ -1,4 +1,4 @@
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fedlm.models.tiny import tiny_tokenizer
@@ -11,6 +11,8 @@ TABLE = token_bytes_table(TOKENIZER)
 @settings(max_examples=200, deadline=None)
 @given(st.text(max_size=60))
 def test_token_bytes_concatenate_to_the_text(text: str) -> None:
+    # Text that spells a special token ("<|im_start|>") is read as that token, which carries no bytes (below).
+    assume(not any(special in text for special in TOKENIZER.all_special_tokens))
     ids = TOKENIZER(text, add_special_tokens=True)["input_ids"]
     assert b"".join(TABLE[i] for i in ids) == text.encode()
     assert sum(char_len(TABLE[i]) for i in ids) == len(text)
