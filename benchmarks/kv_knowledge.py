@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model
 
-from fedlm.bench.evaluate import evaluate_mcq, mcq_context
+from fedlm.bench.evaluate import answer_pair, evaluate_mcq, mcq_context
 from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters, zeroed
 from fedlm.bench.scorers import LocalScorer
 from fedlm.cloud.client import CloudClient
@@ -32,6 +31,7 @@ from fedlm.cloud.engine import Engine
 from fedlm.cloud.service import background_service
 from fedlm.data.facts import city_facts, fact_questions
 from fedlm.data.jsonl import McqRow
+from fedlm.federated.lora import wrap
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, default_fuser_dir, is_trained
 from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter
@@ -61,7 +61,7 @@ def recall(model, tokenizer, rows: list[McqRow], choice_ids: torch.Tensor) -> fl
 
 def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float, max_steps: int) -> dict:
     """Fit a rank-16 LoRA until it recalls `target` of the facts (cross-entropy on the answer token only)."""
-    model = get_peft_model(edge.model, LoraConfig(r=16, lora_alpha=16, target_modules=list(TARGETS)))
+    model = wrap(edge.model, 16, TARGETS)
     tokenizer, side = edge.tokenizer, edge.tokenizer.padding_side
     tokenizer.padding_side = "left"  # every row's last position is its own "Answer:"
     choice_ids = torch.tensor([answer_token(edge, rows[0], i) for i in range(len(rows[0].choices))])
@@ -89,16 +89,15 @@ def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float,
     return {"steps": steps, "recall": round(recalled, 4), "seconds": round(time.perf_counter() - start, 1)}
 
 
-def fit_fuser(receiver: LoadedModel, transmitter: LoadedModel, train_rows, heldout_rows, steps: int, folder: Path):
-    pairs = [(mcq_context(r), f" {r.choices[r.answer]}") for r in train_rows]
-    heldout = [(mcq_context(r), f" {r.choices[r.answer]}") for r in heldout_rows]
+def fit_fuser(
+    receiver: LoadedModel, transmitter: LoadedModel, train_rows: list[McqRow], test_rows: list[McqRow], steps: int
+) -> CacheFuser:
+    """A fuser trained on `train_rows`, its learning curve (held out: `test_rows`) kept in its config."""
     fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, "last", 256))
+    pairs, heldout = [answer_pair(r) for r in train_rows], [answer_pair(r) for r in test_rows]
     curve = train(fuser, receiver, transmitter, pairs, heldout, TrainConfig(steps=steps, accumulate=4, lr=1e-3))
     fuser.config.extra = {"data": "city-facts", "train_pairs": len(pairs), "curve": curve.__dict__}
-    staging = fuser.save(folder.with_name(f".{folder.name}.partial"))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
-    return curve
+    return fuser
 
 
 def main() -> None:
@@ -125,12 +124,9 @@ def main() -> None:
     transmitter = with_adapter(load(args.edge, quiet=True), adapter_dir, merge=True)
     fuser_dir = default_fuser_dir(receiver.name, transmitter.name)
     if args.retrain or not is_trained(fuser_dir):
-        curve = fit_fuser(receiver, transmitter, train_rows, test_rows, args.fuser_steps, fuser_dir)
-    else:
-        curve = CacheFuser.load(fuser_dir, receiver, transmitter).config.extra["curve"]
-    curve = curve if isinstance(curve, dict) else curve.__dict__
-    report["fuser_curve"] = {k: curve[k] for k in ("eval_steps", "eval_loss", "receiver_alone_loss", "best_step")}
-    report["fuser_curve"]["zeroed_transmitter_loss"] = curve.get("zeroed_transmitter_loss")
+        fit_fuser(receiver, transmitter, train_rows, test_rows, args.fuser_steps).save(fuser_dir)
+    curve = CacheFuser.load(fuser_dir, receiver, transmitter).config.extra["curve"]
+    report["fuser_curve"] = {k: v for k, v in curve.items() if k != "train_loss"}
 
     modes: dict = {}
     alone = KVReceiver(receiver, [])

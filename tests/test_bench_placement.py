@@ -21,7 +21,7 @@ def test_a_busy_cloud_is_sent_scoring_requests_until_the_block_ends() -> None:
         return {}
 
     with background_app(app, "counting-cloud") as url:
-        with busy_cloud(url, "some-model", sorted(os.sched_getaffinity(0))):
+        with busy_cloud(url, "some-model", "Why is the sky blue?", sorted(os.sched_getaffinity(0))):
             time.sleep(1.0)
         sent = len(bodies)
         time.sleep(0.5)
@@ -33,6 +33,6 @@ def test_a_busy_cloud_is_sent_scoring_requests_until_the_block_ends() -> None:
 
 
 def test_a_busy_cloud_that_cannot_reach_its_cloud_says_so() -> None:
-    load = busy_cloud("http://127.0.0.1:9/v1", "m", sorted(os.sched_getaffinity(0)))
+    load = busy_cloud("http://127.0.0.1:9/v1", "m", "p", sorted(os.sched_getaffinity(0)))
     with pytest.raises(RuntimeError, match="got no answer"), load:
         pass

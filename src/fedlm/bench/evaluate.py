@@ -29,6 +29,11 @@ def mcq_pairs(row: McqRow) -> list[Pair]:
     return [(context, f" {choice}") for choice in row.choices]
 
 
+def answer_pair(row: McqRow) -> Pair:
+    """The question with its right answer: how an MCQ row becomes a (context, response) pair to train on."""
+    return mcq_context(row), f" {row.choices[row.answer]}"
+
+
 def evaluate_mcq(rows: list[McqRow], scorer: Scorer, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
     pairs = [pair for row in rows for pair in mcq_pairs(row)]
     start = time.perf_counter()

@@ -100,26 +100,27 @@ def separate_cores(model: str, cloud_cores: int = 1, startup_timeout_s: float = 
         log.unlink(missing_ok=True)
 
 
-def _keep_busy(url: str, model: str, cores: set[int], answered: Any) -> None:
+def _keep_busy(url: str, model: str, prompt: str, cores: set[int], answered: Any) -> None:
     """Send scoring requests back to back until terminated (runs in a process of its own, on the cloud's cores);
-    sets `answered` once the first one is back."""
+    sets `answered` once the first one is back. Each prompt differs, so no answer comes from the prefix cache."""
     os.sched_setaffinity(0, cores)
     with httpx.Client(timeout=120.0) as client:
         for i in itertools.count():
-            prompt = f"User: Explain in a few sentences why the sky is blue.\nAssistant: Light {i}"
-            body = {"model": model, "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 20}
+            body = {"model": model, "prompt": f"{prompt} {i}", "max_tokens": 0, "echo": True, "logprobs": 20}
             client.post(f"{url}/completions", json=body)
             answered.set()
 
 
 @contextmanager
-def busy_cloud(url: str, model: str, cloud_cores: list[int], startup_timeout_s: float = 120.0) -> Iterator[None]:
-    """Keep `model` at `url` computing nonstop while the block runs: its load during fused decoding, as an
-    upper bound, without any of the protocol's work on the edge's side."""
+def busy_cloud(
+    url: str, model: str, prompt: str, cloud_cores: list[int], startup_timeout_s: float = 120.0
+) -> Iterator[None]:
+    """Keep `model` at `url` scoring variants of `prompt` nonstop while the block runs: its load during fused
+    decoding, as an upper bound, without any of the protocol's work on the edge's side."""
     context = multiprocessing.get_context("spawn")  # a fork would copy this process's torch threads
     answered = context.Event()
     process = context.Process(
-        target=_keep_busy, args=(url, model, set(cloud_cores), answered), name="fedlm-busy-cloud", daemon=True
+        target=_keep_busy, args=(url, model, prompt, set(cloud_cores), answered), name="fedlm-busy-cloud", daemon=True
     )
     process.start()
     try:

@@ -163,7 +163,7 @@ def fusion(
     """Edge vs cloud vs each fusion rule (MCQ accuracy, bits/byte), and fused speed against edge-only."""
     from rich.console import Console
 
-    from fedlm.bench.fusion import plot, quality, speed
+    from fedlm.bench.fusion import SPEED_PROMPT, plot, quality, speed
     from fedlm.bench.placement import busy_cloud, separate_cores
     from fedlm.bench.scorers import CloudScorer
     from fedlm.cli.options import EMBEDDED, cloud_url
@@ -201,7 +201,7 @@ def fusion(
         cloud_name = model or CLOUD_DEFAULT
         with separate_cores(cloud_name) as where:
             url = where.pop("url")
-            busy = partial(busy_cloud, url, cloud_name, where["cloud_cores"])
+            busy = partial(busy_cloud, url, cloud_name, SPEED_PROMPT, where["cloud_cores"])
             result["speed"] = {**speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms, busy), **where}
     _write_atomically(out / "fusion.json", json.dumps(result, indent=2) + "\n")
     plot(result, out / "fusion.png")

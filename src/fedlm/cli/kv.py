@@ -178,9 +178,7 @@ def train(
     ),
 ) -> None:
     """Train a C2C cache fuser for RECEIVER <- TRANSMITTER (both frozen) and save it with its learning curve."""
-    import shutil
-
-    from fedlm.bench.evaluate import mcq_context
+    from fedlm.bench.evaluate import answer_pair
     from fedlm.bench.kv import trained_fuser_dir
     from fedlm.data.plays import play_questions
     from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
@@ -199,7 +197,7 @@ def train(
         raise typer.BadParameter(str(err), param_hint="--transmitter") from err
     if data is TrainData.plays:
         rows = play_questions(train_rows + heldout_rows, "train")
-        pairs = [(mcq_context(row), f" {row.choices[row.answer]}") for row in rows]
+        pairs = [answer_pair(row) for row in rows]
     else:
         pairs = gsm8k_pairs(r, train_rows + heldout_rows)
     train_pairs, heldout_pairs = pairs[:train_rows], pairs[train_rows:]
@@ -237,9 +235,7 @@ def train(
         "parameters": sum(p.numel() for p in fuser.parameters()),
     }
     folder = out or trained_fuser_dir(r.name, t.name, data.value)
-    staging = fuser.cpu().save(folder.with_name(f".{folder.name}.partial"))  # a reader never sees half a fuser
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    fuser.save(folder)
 
     def shown(loss: float | None) -> str:
         return "-" if loss is None else f"{loss:.4f}"

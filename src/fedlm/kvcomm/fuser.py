@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -251,10 +252,17 @@ class CacheFuser(nn.Module):
         )
 
     def save(self, folder: str | Path) -> Path:
+        """Write weights and config to a hidden staging folder, then put it in place of `folder`: a reader never
+        sees half a fuser, and a failed save leaves the previous one intact."""
         folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in self.state_dict().items()}, folder / WEIGHTS_FILE)
-        (folder / CONFIG_FILE).write_text(self.config.to_json() + "\n")
+        staging = folder.with_name(f".{folder.name}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, staging / WEIGHTS_FILE)
+        (staging / CONFIG_FILE).write_text(self.config.to_json() + "\n")
+        shutil.rmtree(folder, ignore_errors=True)
+        staging.rename(folder)
         return folder
 
     @classmethod
