@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 from peft import PeftModel
 
+from fedlm.egress.audit import AuditLog
 from fedlm.federated.config import TrainConfig
 from fedlm.federated.runtime import run_simulation
 from fedlm.models import load
 from fedlm.models.tiny import save_tiny
-from fedlm.privacy.audit import AuditLog
 
 
 @pytest.fixture(scope="module")

@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedlm.fusion.cloud_view import candidate
-from fedlm.fusion.vocab import CloudCandidate, VocabAligner
+from fedlm.cloud.logprobs import CloudCandidate, candidate
+from fedlm.fusion.vocab import VocabAligner
 from fedlm.models.tiny import tiny_tokenizer
 from fedlm.models.token_bytes import token_bytes_table
 

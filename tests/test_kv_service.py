@@ -6,17 +6,20 @@ from __future__ import annotations
 import json
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
 
-from fedlm.cloud.client import CloudError, CloudUnavailable, EgressRefused
+from fedlm.cloud.client import CloudError, CloudUnavailable
+from fedlm.egress import AuditLog, EgressRefused
 from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.service import background_transmitter
 from fedlm.kvcomm.wire import KVWireError, capture, encode, model_fingerprint
 from fedlm.models import LoadedModel
+from fedlm.privacy import EgressGate
 
 KEY = "test-key"
 TEXT = "Question: What is two plus two?\nAnswer: four"
@@ -106,12 +109,15 @@ def test_every_body_passes_the_egress_hook_and_the_blob_echoes_what_was_read(url
     assert "".join(payload.text[s:e] for s, e in payload.spans) == payload.text
 
 
-def test_local_policy_keeps_a_sensitive_text_on_the_device(url: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("FEDLM_PRIVACY", "local")
-    with TransmitterClient(url, KEY, model="tiny-llama") as client:
+def test_local_policy_keeps_a_sensitive_text_on_the_device(url: str, tmp_path: Path) -> None:
+    with (
+        EgressGate("local", audit=tmp_path / "audit.jsonl") as gate,
+        TransmitterClient(url, KEY, egress=gate, model="tiny-llama") as client,
+    ):
         with pytest.raises(EgressRefused, match="kept a request"):
             client.encode(SENSITIVE)
         assert client.traffic.requests == 0
+    assert [r.action for r in AuditLog(tmp_path / "audit.jsonl").records()] == ["blocked"]
 
 
 def test_errors_mirror_the_cloud_client(url: str, tiny_gemma: LoadedModel) -> None:

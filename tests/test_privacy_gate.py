@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from fedlm.privacy import AuditLog, Detector, EgressBlocked, EgressGate, Policy
+from fedlm.privacy import AuditLog, Detector, EgressBlocked, EgressGate, Policy, Scan
 
 SECRET_KEY = "sk-proj-4fGh7KlMn0pQrS2tUvWx9yZaB3cD5eF"
 SENSITIVE = f"I'm Priya Raman, my key {SECRET_KEY} returns 401 and my IBAN DE89 3704 0044 0532 0130 00 bounced."
@@ -178,3 +178,39 @@ def test_a_value_known_to_be_sensitive_is_masked_wherever_it_appears(detector: D
         local.outbound("cloud", {"prompt": "My PIN is 4821."})
     with pytest.raises(EgressBlocked, match="PASSWORD"):
         local.outbound("cloud", {"prompt": "Is 4821 a weak choice?"})
+
+
+class CountingDetector(Detector):
+    """The real detector, counting the characters it is asked to read."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = 0
+
+    def scan(self, text: str) -> Scan:
+        self.read += len(text)
+        return super().scan(text)
+
+
+def test_a_session_scans_a_growing_text_once_and_finds_what_a_full_scan_finds(log: AuditLog) -> None:
+    counting = CountingDetector()
+    gate = EgressGate("redact", detector=counting, audit=log)
+    prompt = "Notes from the clinic. " * 40 + SENSITIVE + " The doctor said to rest. "
+    answer = "Please contact Priya Raman again next week, and keep the IBAN DE89 3704 0044 0532 0130 00 safe."
+    sent = []
+    for words in range(1, len(answer.split()) + 1):  # a co-decoding loop resends its growing answer every round
+        text = prompt + " ".join(answer.split()[:words])
+        sent.append(json.loads(gate.outbound("cloud", {"prompt": text}))["prompt"])
+    whole = prompt + answer
+    assert gate.scan(whole).entities == Detector().scan(whole).entities
+    assert counting.read < len(whole) + len(sent) * 260  # each round rereads its change and 200 characters before
+    assert "Priya" not in sent[-1] and "DE89" not in sent[-1] and sent[-1].count("<PERSON_1>") == 2
+
+
+def test_the_audit_log_stays_open_and_every_record_is_readable_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with EgressGate("off", audit=path) as gate:
+        gate.outbound("cloud", chat(CLEAN))
+        assert len(AuditLog(path).records()) == 1  # flushed, though the file is still open
+        gate.outbound("cloud", chat(CLEAN))
+    assert [r.action for r in AuditLog(path).records()] == ["sent", "sent"]

@@ -155,7 +155,8 @@ def test_projection_between_the_real_tokenizers_moves_mass_only_to_consistent_te
 
     import torch
 
-    from fedlm.fusion.vocab import CloudCandidate, VocabAligner
+    from fedlm.cloud.logprobs import CloudCandidate
+    from fedlm.fusion.vocab import VocabAligner
     from fedlm.models.token_bytes import token_starts
 
     aligner = VocabAligner(edge.tokenizer, [edge.tokenizer.eos_token_id])

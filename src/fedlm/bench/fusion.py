@@ -17,9 +17,8 @@ from typing import Any
 
 from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq, mcq_pairs
 from fedlm.bench.scorers import CloudScorer, LocalScorer, Pair
-from fedlm.cloud.client import scored_from_echo
+from fedlm.cloud.logprobs import read_cloud_text, read_scored
 from fedlm.data.jsonl import BpbRow, McqRow
-from fedlm.fusion.cloud_view import read_logprobs
 from fedlm.fusion.decoder import FusionConfig, fuse_once
 from fedlm.fusion.rules import Experts, FusionRule, make_rule
 from fedlm.fusion.vocab import VocabAligner
@@ -51,8 +50,8 @@ def score_modes(
     scores: dict[str, list[float]] = {"edge": [], "cloud": [], **{f"fused-{r}": [] for r in rules}}
     fusers: dict[str, FusionRule] = {r: make_rule(r) for r in rules}
     for (context, target), reply in zip(pairs, replies, strict=True):
-        scores["cloud"].append(scored_from_echo(reply, context + target, len(context)).target_logprob)
-        view = read_logprobs(reply)
+        scores["cloud"].append(read_scored(reply, len(context)).target_logprob)
+        view = read_cloud_text(reply)
         positions = reader.target_positions(context, target)
         scores["edge"].append(sum(float(before[t]) for t, _, before in positions))
         projected = [

@@ -17,7 +17,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from fedlm.privacy.audit import AuditLog
+from fedlm.egress.audit import AuditLog
 from fedlm.privacy.detector import Detector, Entity
 from fedlm.privacy.gate import EgressGate
 

@@ -14,8 +14,8 @@ from typing import Protocol
 
 import torch
 
-from fedlm.cloud.client import AsyncCloudClient, scored_from_echo
-from fedlm.fusion.cloud_view import CloudText, read_logprobs
+from fedlm.cloud.client import AsyncCloudClient
+from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
 from fedlm.fusion.rules import Experts, FusionRule
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
@@ -80,11 +80,11 @@ class CloudScorer:
 
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
         replies = self.echo(pairs, top_logprobs=0, progress=progress)
-        return [scored_from_echo(r, c + t, len(c)).target_logprob for r, (c, t) in zip(replies, pairs, strict=True)]
+        return [read_scored(r, len(c)).target_logprob for r, (c, t) in zip(replies, pairs, strict=True)]
 
     def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
         """The cloud's top-k candidates at each of its token starts in `context + target`, per pair."""
-        return [read_logprobs(reply) for reply in self.echo(pairs, top_logprobs)]
+        return [read_cloud_text(reply) for reply in self.echo(pairs, top_logprobs)]
 
     def echo(
         self, pairs: Sequence[Pair], top_logprobs: int, progress: Callable[[int], None] | None = None

@@ -33,9 +33,10 @@ app.command("train")(train_command)
 def main() -> None:
     """Run the CLI; errors the user can act on end with their message instead of a traceback."""
     from fedlm.cloud.client import CloudError
+    from fedlm.egress import EgressRefused
 
     try:
         app()
-    except CloudError as err:
+    except (CloudError, EgressRefused) as err:
         typer.echo(f"error: {err}", err=True)
         raise SystemExit(1) from err

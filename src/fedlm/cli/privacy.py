@@ -64,7 +64,7 @@ def audit(
     json_out: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Summarise the egress audit log: requests sent and blocked, bytes, destinations, entity types removed."""
-    from fedlm.privacy.audit import AuditLog, summarize
+    from fedlm.egress.audit import AuditLog, summarize
 
     if log is not None and not log.is_file():
         raise typer.BadParameter(f"no audit log at {log}", param_hint="--log")

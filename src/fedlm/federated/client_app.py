@@ -15,11 +15,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedlm.data.partition import ClientData, client_data
+from fedlm.egress.audit import AuditLog, AuditRecord
 from fedlm.federated import dp, lora
 from fedlm.federated.config import TrainConfig
 from fedlm.federated.local import heldout_loss, perplexity, rank_scaled_lr, train_steps
 from fedlm.federated.profiles import BUDGETS, LoraPlan, budget_for, parse_profile_map, plan_for
-from fedlm.privacy.audit import AuditLog, AuditRecord
 
 app = ClientApp()
 

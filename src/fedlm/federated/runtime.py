@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fedlm.egress.audit import default_audit_path
 from fedlm.federated.config import TrainConfig
 from fedlm.models.cache import cache_root
-from fedlm.privacy.audit import default_audit_path
 
 LOOPBACK = "127.0.0.1"
 RAY_BOOTSTRAP = "provider:\n  type: local\n"

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedlm.cloud.client import AsyncCloudClient, CloudError
-from fedlm.fusion.cloud_view import CloudText, read_logprobs
+from fedlm.cloud.logprobs import CloudCandidate, CloudText, read_cloud_text
+from fedlm.egress import EgressRefused
 from fedlm.fusion.edge import Beliefs, EdgeDecoder
 from fedlm.fusion.rules import EdgeOnly, Experts, FusionRule, TokenRouting
-from fedlm.fusion.vocab import CloudCandidate, VocabAligner
+from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_prompt_ids, chat_stops
 from fedlm.models.token_bytes import char_len, token_bytes_table, token_text
@@ -202,7 +203,7 @@ class FusedDecoder:
         except TimeoutError:
             result.fallbacks += n_drafts
             return None, cloud
-        except CloudError as err:
+        except (CloudError, EgressRefused) as err:
             message = f"cloud failed ({err}); finishing on the edge alone"
             log.warning(message)
             result.warnings.append(message)
@@ -212,7 +213,7 @@ class FusedDecoder:
             result.cloud_calls += 1
             result.bytes_sent += cloud.traffic.bytes_sent - sent
             result.bytes_received += cloud.traffic.bytes_received - received
-        return read_logprobs(response), cloud
+        return read_cloud_text(response), cloud
 
     def _stopped(self, answer: bytes) -> bool:
         text = answer.decode("utf-8", "ignore")

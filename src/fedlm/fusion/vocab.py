@@ -20,14 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from fedlm.cloud.logprobs import CloudCandidate
 from fedlm.models.token_bytes import token_bytes_table
-
-
-@dataclass(frozen=True)
-class CloudCandidate:
-    raw: bytes  # the text this candidate adds, as UTF-8 bytes (empty for special tokens)
-    logprob: float
-    special: bool = False  # an end-of-text or control token: it maps to the edge's end of sequence
 
 
 @dataclass(frozen=True)

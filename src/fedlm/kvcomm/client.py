@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import time
 
-from fedlm.cloud.client import EgressHook, SyncClient, error_from
+from fedlm.cloud.client import CloudClient, error_from
+from fedlm.egress import EgressHook
 from fedlm.kvcomm.wire import DEFAULT_MAX_BYTES, KVPayload, WireFormat, decode
 
 
-class TransmitterClient(SyncClient):
+class TransmitterClient(CloudClient):
     """Synchronous client. `model=None` asks the server which model it serves; `expect_fingerprint` refuses a blob
     from any other model (`KVWireError`)."""
 
@@ -40,7 +41,7 @@ class TransmitterClient(SyncClient):
         """The transmitter's KV cache of `text`: (payload, bytes on the wire, seconds for request and decode)."""
         body = {"model": self.resolve_model(), "text": text, "format": fmt, "layers": layers}
         start = time.perf_counter()
-        response = self._send("POST", "/kv", body)
+        response = self._run(self._exchange("POST", "/kv", body))
         self.traffic.bytes_received += response.num_bytes_downloaded
         if not response.is_success:
             raise error_from(self.base_url + "/kv", response)

@@ -1,6 +1,6 @@
 """The privacy gate: detect sensitive content, apply the egress policy at one choke point, audit every byte."""
 
-from fedlm.privacy.audit import AuditLog, AuditRecord
+from fedlm.egress import AuditLog, AuditRecord
 from fedlm.privacy.detector import DEFAULT_THRESHOLD, SENSITIVE_TYPES, Detector, Entity, Scan
 from fedlm.privacy.gate import EgressBlocked, EgressGate
 from fedlm.privacy.policy import DEFAULT_POLICY, Policy

@@ -1,29 +1,32 @@
-"""The single choke point for data leaving the device.
+"""The single choke point for data leaving the device, as one session per generation or conversation.
 
-Every request body bound for a cloud model or a KV transmitter goes through `EgressGate.outbound`, which applies
-the policy to the body's text fields, serialises the result, writes one audit record for exactly those bytes and
-returns them: the caller sends what the gate returns and nothing else. `inbound` undoes the placeholders in the
-answers, on the device.
+Every request body bound for a cloud model or a KV transmitter goes through `EgressGate.outbound` (the
+`fedlm.egress` hook), which applies the policy to the body's text fields, serialises the result, writes one audit
+record for exactly those bytes and returns them: the caller sends what the gate returns and nothing else.
+`inbound` undoes the placeholders in the answers, on the device.
+
+A gate is a session: its placeholders stay the same for its whole life, its audit file stays open, and it scans
+each new piece of text once. A co-decoding loop resends its growing answer every round; the gate scans only what
+changed since the last text it saw, with some text before it so the detector sees each name in context.
 """
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from fedlm.cloud.client import EgressRefused
-from fedlm.privacy.audit import AuditLog, AuditRecord
-from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector, Scan
+from fedlm.egress import AuditLog, AuditRecord, EgressRefused, serialize
+from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector, Entity, Scan
 from fedlm.privacy.policy import DEFAULT_POLICY, Policy
 from fedlm.privacy.redact import Redactor
 from fedlm.privacy.rephrase import Rewriter, SlmRewriter
 
 TextFn = Callable[[str], str]
+RESCAN_CHARS = 200  # text before a change that is scanned again with it, so the detector sees names in context
 
 
 class EgressBlocked(EgressRefused):
@@ -67,11 +70,26 @@ def map_request_texts(body: dict[str, Any], fn: TextFn) -> dict[str, Any]:
     return out
 
 
-class EgressGate:
-    """Applies one egress policy to every outgoing body, and audits each one.
+def _rescan_from(prior: Scan, text: str) -> int:
+    """Where to start scanning `text` again, given the scan of an earlier text of the session (0: all of it)."""
+    shared = next((i for i, (a, b) in enumerate(zip(prior.text, text, strict=False)) if a != b), None)
+    cut = (min(len(prior.text), len(text)) if shared is None else shared) - RESCAN_CHARS
+    if cut <= 0:
+        return 0
+    while cut > 0 and not text[cut - 1].isspace():
+        cut -= 1  # start at a word, never inside one
+    for entity in sorted(prior.entities, key=lambda e: -e.start):
+        if entity.start < cut < entity.end:
+            cut = entity.start  # never inside an entity either
+    return cut
 
-    The detector (a few seconds to build) loads only when the policy needs it; `off` never scans. Placeholders
-    are consistent for the life of the gate, so keep one gate per conversation or per client.
+
+class EgressGate:
+    """Applies one egress policy to every outgoing body, and audits each one: one session of egress.
+
+    Whoever starts the work (a CLI command, a library caller) builds the gate and hands it to the transports, and
+    closes it at the end (`with EgressGate(...) as gate`). The detector (a few seconds to build, shared by every
+    gate of the process) loads only when the policy needs it; `off` never scans.
     """
 
     def __init__(
@@ -91,11 +109,22 @@ class EgressGate:
         self.last_seconds = 0.0  # time the last `outbound` took: detection, rewriting, serialising, auditing
         self._carry: dict[tuple[str, Any, Any], str] = {}
         self._carry_lock = threading.Lock()
+        self._last_scan: Scan | None = None
+        self._scan_lock = threading.Lock()
+
+    def close(self) -> None:
+        """Flush and close the audit log: the session is over."""
+        self.audit.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def outbound(self, destination: str, body: dict[str, Any]) -> bytes:
         """The bytes to send for `body`. Raises `EgressBlocked` when the `local` policy keeps it on the device."""
-        if not isinstance(body, dict):
-            raise TypeError(f"request body must be a JSON object (dict), got {type(body).__name__}")
+        serialize(body)  # refuse a body that is not a JSON object before anything else
         start = time.perf_counter()
         removed: Counter[str] = Counter()
         outgoing = body
@@ -105,7 +134,7 @@ class EgressGate:
             self.audit.append(AuditRecord.for_payload(destination, self.policy.value, b"", removed, blocked=True))
             self.last_seconds = time.perf_counter() - start
             raise EgressBlocked(destination, sorted(removed))
-        payload = json.dumps(outgoing, separators=(",", ":")).encode()
+        payload = serialize(outgoing)
         self.audit.append(AuditRecord.for_payload(destination, self.policy.value, payload, removed))
         self.last_seconds = time.perf_counter() - start
         return payload
@@ -117,7 +146,7 @@ class EgressGate:
         scans: dict[str, Scan] = {}
 
         def collect(text: str) -> str:
-            scans[text] = self.detector.scan(text)
+            scans[text] = self.scan(text)
             self.redactor.remember(scans[text])
             return text
 
@@ -139,6 +168,26 @@ class EgressGate:
 
         transform = {Policy.LOCAL: local, Policy.REDACT: redact, Policy.REPHRASE: rephrase}[self.policy]
         return map_request_texts(body, transform)
+
+    def scan(self, text: str) -> Scan:
+        """The detector's findings in `text`, scanning only what differs from the last text this gate saw.
+
+        The shared start is trusted up to `RESCAN_CHARS` before the first change (moved back past any entity it
+        would cut), and everything from there on is scanned again, so a name is always read with its sentence."""
+        with self._scan_lock:
+            prior = self._last_scan
+        cut = _rescan_from(prior, text) if prior is not None else 0
+        if cut == 0:
+            found = self.detector.scan(text)
+        else:
+            assert prior is not None
+            tail = self.detector.scan(text[cut:])
+            kept = [e for e in prior.entities if e.end <= cut]
+            moved = [Entity(e.type, e.start + cut, e.end + cut, e.score, e.text) for e in tail.entities]
+            found = Scan(text, (*kept, *moved), tail.seconds)
+        with self._scan_lock:
+            self._last_scan = found
+        return found
 
     def inbound(self, destination: str, body: dict[str, Any]) -> dict[str, Any]:
         """A copy of a response body (or stream chunk) with this gate's placeholders restored in its texts."""

@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Self
 from urllib.parse import urlsplit, urlunsplit
 
 
@@ -66,20 +66,39 @@ class AuditRecord:
 
 
 class AuditLog:
-    """Appends one JSON line per record; opened per write so the file is never held or rewritten."""
+    """Appends one JSON line per record to a file it keeps open (opened on the first record).
+
+    Each record is flushed at once, so a killed process loses none; `close` also fsyncs, so the records survive
+    the machine. One log serves a whole generation or conversation: a file open and an fsync per record cost more
+    than the request they describe.
+    """
 
     def __init__(self, path: Path | str | None = None) -> None:
         self.path = Path(path) if path is not None else default_audit_path()
         self._lock = threading.Lock()
+        self._handle: IO[str] | None = None
 
     def append(self, record: AuditRecord) -> None:
         line = json.dumps(asdict(record), separators=(",", ":")) + "\n"
         with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line)
-                handle.flush()
-                os.fsync(handle.fileno())
+            if self._handle is None:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._handle = self.path.open("a", encoding="utf-8")
+            self._handle.write(line)
+            self._handle.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._handle is not None:
+                os.fsync(self._handle.fileno())
+                self._handle.close()
+                self._handle = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
     def records(self) -> list[AuditRecord]:
         """Every record in order; a missing log has none. A corrupt line raises ValueError naming its number."""

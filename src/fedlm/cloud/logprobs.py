@@ -1,0 +1,118 @@
+"""The one reader of what an OpenAI-style server says about tokens: legacy completion `logprobs`.
+
+A completion's `logprobs` holds, per token, its string, its log-probability, its character offset and the top-k
+candidates the server weighed there. The legacy format names tokens by string, not bytes: a partial UTF-8 token
+is spelled `bytes:\\xNN...`, and an end-of-text token by its name. Both are turned back into what they mean for
+the text. A token spans from its offset to the next token's; the last one as far as its own characters reach.
+Scoring (`Scored`) and fusion (`CloudText`) both read through `read_tokens`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from fedlm.cloud.errors import CloudError
+from fedlm.models.token_bytes import char_len
+
+END_OF_TEXT = {"<eos>", "</s>", "<|endoftext|>", "<|im_end|>", "<end_of_turn>", "<|eot_id|>", "<|end|>"}
+_HEX = re.compile(r"\\x([0-9a-fA-F]{2})")
+
+
+class LogprobsMissing(CloudError):
+    """The reply holds no per-token logprobs where the request asked for them."""
+
+
+@dataclass(frozen=True)
+class CloudCandidate:
+    raw: bytes  # the text this candidate adds, as UTF-8 bytes (empty for special tokens)
+    logprob: float
+    special: bool = False  # an end-of-text or control token: it maps to the edge's end of sequence
+
+
+def candidate(token: str, logprob: float) -> CloudCandidate:
+    """What a token named in the legacy format adds to the text."""
+    if token in END_OF_TEXT:
+        return CloudCandidate(b"", logprob, special=True)
+    if token.startswith("bytes:"):
+        return CloudCandidate(bytes(int(h, 16) for h in _HEX.findall(token)), logprob)
+    return CloudCandidate(token.encode(), logprob)
+
+
+@dataclass(frozen=True)
+class CloudToken:
+    """One token as the server read or wrote it; `start`/`end` are character offsets in the text."""
+
+    text: str  # as the server named it
+    raw: bytes
+    logprob: float | None  # None for the first token of an echo, which nothing predicts
+    start: int
+    end: int
+    top: tuple[CloudCandidate, ...]  # most likely first; empty where the server gave none
+
+
+def read_tokens(response: dict[str, Any], start_offset: int = 0) -> list[CloudToken]:
+    """The tokens of a legacy completion's first choice. With `echo`, offsets count from the start of the
+    prompt; without, from the end of the prompt, so pass `start_offset=len(prompt)`."""
+    logprobs = (response.get("choices") or [{}])[0].get("logprobs") or {}
+    names, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
+    offsets, tops = logprobs.get("text_offset") or [], logprobs.get("top_logprobs") or []
+    tokens = []
+    for i, (name, offset) in enumerate(zip(names, offsets, strict=False)):
+        raw = candidate(name, 0.0).raw
+        end = offsets[i + 1] if i + 1 < len(offsets) else offset + char_len(raw)
+        top = tops[i] if i < len(tops) and tops[i] else {}
+        ranked = tuple(candidate(t, v) for t, v in sorted(top.items(), key=lambda item: -item[1]))
+        value = values[i] if i < len(values) else None
+        tokens.append(CloudToken(name, raw, value, start_offset + offset, start_offset + end, ranked))
+    return tokens
+
+
+@dataclass(frozen=True)
+class Scored:
+    """Prompt log-probabilities of `context + target`, split at the boundary between them."""
+
+    tokens: tuple[CloudToken, ...]
+    boundary: int
+
+    @property
+    def target_tokens(self) -> tuple[CloudToken, ...]:
+        """Tokens that carry any character of the target (a token straddling the boundary counts as target)."""
+        return tuple(t for t in self.tokens if t.end > self.boundary)
+
+    @property
+    def target_logprob(self) -> float:
+        if any(t.logprob is None for t in self.target_tokens):
+            raise LogprobsMissing("the server returned no logprob for a target token; put context before the target")
+        return sum(t.logprob for t in self.target_tokens)  # type: ignore[misc]
+
+
+def read_scored(response: dict[str, Any], boundary: int) -> Scored:
+    """An `echo` + `logprobs` completion of `context + target`, where `boundary = len(context)`."""
+    tokens = read_tokens(response)
+    if not tokens or all(t.logprob is None for t in tokens):
+        raise LogprobsMissing(
+            "the server returned no prompt logprobs for echo=true; it cannot score text (see `fedlm cloud probe`)"
+        )
+    return Scored(tuple(tokens), boundary)
+
+
+@dataclass(frozen=True)
+class CloudText:
+    """The cloud's reading of a text: at each character offset where one of its tokens starts, that token's
+    bytes and the candidates it weighed there; `end` is where its last token ends."""
+
+    at: dict[int, tuple[bytes, list[CloudCandidate]]]
+    end: int
+
+    def candidates_at(self, offset: int) -> list[CloudCandidate] | None:
+        found = self.at.get(offset)
+        return found[1] if found else None
+
+
+def read_cloud_text(response: dict[str, Any], start_offset: int = 0) -> CloudText:
+    """The candidates of a completion with `logprobs=k`, by where each token starts (see `read_tokens`)."""
+    tokens = read_tokens(response, start_offset)
+    at = {t.start: (t.raw, list(t.top)) for t in tokens if t.top}
+    return CloudText(at, tokens[-1].end if tokens else start_offset)
