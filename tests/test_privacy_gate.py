@@ -214,3 +214,19 @@ def test_the_audit_log_stays_open_and_every_record_is_readable_at_once(tmp_path:
         assert len(AuditLog(path).records()) == 1  # flushed, though the file is still open
         gate.outbound("cloud", chat(CLEAN))
     assert [r.action for r in AuditLog(path).records()] == ["sent", "sent"]
+
+
+def test_rephrase_all_rewrites_every_text_once_per_session(log: AuditLog) -> None:
+    calls: list[str] = []
+
+    def rewriter(text: str) -> str:
+        calls.append(text)
+        return "How do plants make food from light?"
+
+    gate = EgressGate("rephrase", audit=log, rewriter=rewriter, rephrase_all=True)
+    sent = [json.loads(gate.outbound(f"kv://device-{i}", {"text": CLEAN})) for i in range(4)]
+    assert calls == [CLEAN]  # four transmitters, one rewrite
+    assert all(body["text"] == "How do plants make food from light?" for body in sent)
+    assert json.loads(EgressGate("rephrase", audit=log, rewriter=rewriter).outbound("kv://x", {"text": CLEAN})) == {
+        "text": CLEAN
+    }  # by default a text with nothing private leaves unchanged

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import json
-from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from fedlm.cli.options import EMBEDDED, ApiKey, Cloud, CloudModel, Edge, Json, api_key_or_env, cloud_url
+from fedlm.cli.options import (
+    EMBEDDED,
+    ApiKey,
+    Cloud,
+    CloudModel,
+    Edge,
+    Json,
+    Privacy,
+    api_key_or_env,
+    cloud_url,
+    egress_gate,
+)
+from fedlm.privacy.policy import Policy
 
 if TYPE_CHECKING:
     from fedlm.fusion.decoder import FusionResult
 
 SOURCE_STYLE = {"edge": "green", "cloud": "magenta", "fused": "cyan"}
 NO_CLOUD = "none"
-
-
-class Privacy(StrEnum):
-    off = "off"
-    local = "local"
-    redact = "redact"
-    rephrase = "rephrase"
 
 
 def generate_command(
@@ -40,9 +44,7 @@ def generate_command(
     lookahead: int = typer.Option(4, "--lookahead", min=1, help="Edge tokens drafted per cloud round trip."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1),
     simulate_rtt_ms: float = typer.Option(0.0, "--simulate-rtt-ms", min=0, help="Add a sleeping network delay."),
-    privacy: Privacy | None = typer.Option(
-        None, "--privacy", help="What may leave the device: off|local|redact|rephrase (default: $FEDLM_PRIVACY or off)."
-    ),
+    privacy: Policy | None = Privacy,
     as_json: bool = Json,
 ) -> None:
     """Generate an answer to PROMPT, fusing the edge model with the cloud token by token."""
@@ -63,12 +65,7 @@ def generate_command(
         if not use_cloud:
             result = fuse_once(edge_model, rule, prompt, config)
         else:
-            egress = None
-            if privacy is not None:
-                from fedlm.privacy import EgressGate
-
-                egress = EgressGate(privacy.value)
-            with cloud_url(cloud, cloud_model, quiet=as_json) as (url, model):
+            with egress_gate(privacy) as egress, cloud_url(cloud, cloud_model, quiet=as_json) as (url, model):
                 result = fuse_once(
                     edge_model, rule, prompt, config, url, api_key=api_key_or_env(api_key), model=model, egress=egress
                 )

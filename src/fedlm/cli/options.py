@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import typer
 
 from fedlm.cloud.client import default_api_key
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
+from fedlm.privacy.policy import Policy
+
+if TYPE_CHECKING:
+    from fedlm.privacy import EgressGate
 
 EMBEDDED = "embedded"
 
@@ -25,6 +31,9 @@ CloudModel = typer.Option(
 )
 ApiKey = typer.Option(
     None, "--api-key", help="Bearer key for the cloud server (default: $FEDLM_API_KEY, then $OPENAI_API_KEY)."
+)
+Privacy = typer.Option(
+    None, "--privacy", help="What may leave the device: off|local|redact|rephrase (default: $FEDLM_PRIVACY or off)."
 )
 Json = typer.Option(False, "--json", help="Print one JSON object to stdout instead of a table.")
 
@@ -44,3 +53,14 @@ def cloud_url(cloud: str, cloud_model: str | None, quiet: bool) -> Iterator[tupl
 
 def api_key_or_env(api_key: str | None) -> str | None:
     return api_key if api_key is not None else default_api_key()
+
+
+def egress_gate(privacy: Policy | None) -> EgressGate:
+    """The privacy gate for one command's work: `--privacy`, else `$FEDLM_PRIVACY`, else `off` (which still
+    audits every byte). The command builds it and hands it to every transport it opens."""
+    from fedlm.privacy import EgressGate
+
+    try:
+        return EgressGate(privacy or Policy.parse(os.environ.get("FEDLM_PRIVACY") or "off"))
+    except ValueError as err:  # a bad $FEDLM_PRIVACY
+        raise typer.BadParameter(str(err), param_hint="$FEDLM_PRIVACY") from err

@@ -100,11 +100,14 @@ class EgressGate:
         audit: AuditLog | Path | str | None = None,
         rewriter: Rewriter | None = None,
         threshold: float = DEFAULT_THRESHOLD,
+        rephrase_all: bool = False,
     ) -> None:
         self.policy = Policy.parse(policy)
         self.detector = detector or Detector(threshold=threshold)
         self.audit = audit if isinstance(audit, AuditLog) else AuditLog(audit)
         self.rewriter: Rewriter = rewriter or SlmRewriter()
+        self.rephrase_all = rephrase_all  # `rephrase` rewrites every text, not only sensitive ones (FedRefine)
+        self._rewrites: dict[str, str] = {}
         self.redactor = Redactor()
         self.last_seconds = 0.0  # time the last `outbound` took: detection, rewriting, serialising, auditing
         self._carry: dict[tuple[str, Any, Any], str] = {}
@@ -162,9 +165,15 @@ class EgressGate:
 
         def rephrase(text: str) -> str:
             masked = redact(text)
-            if masked == text:
+            if masked == text and not self.rephrase_all:
                 return text  # nothing private: the prompt leaves unchanged and loses nothing
-            return self.redactor.redact(self.detector.scan(self.rewriter(masked)))
+            with self._scan_lock:
+                done = self._rewrites.get(masked)
+            if done is None:  # each text is rewritten once per session, however many transmitters it goes to
+                done = self.redactor.redact(self.detector.scan(self.rewriter(masked)))
+                with self._scan_lock:
+                    self._rewrites[masked] = done
+            return done
 
         transform = {Policy.LOCAL: local, Policy.REDACT: redact, Policy.REPHRASE: rephrase}[self.policy]
         return map_request_texts(body, transform)
