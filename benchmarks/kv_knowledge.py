@@ -15,14 +15,13 @@ Writes runs/bench-kv-knowledge/kv_knowledge.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from fedlm import atomic
 from fedlm.bench.evaluate import answer_pair, evaluate_mcq, mcq_context
 from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters, zeroed
 from fedlm.bench.scorers import LocalScorer
@@ -82,10 +81,8 @@ def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float,
         recalled = recall(model, tokenizer, rows, choice_ids)
         print(f"adapter: {steps} steps, recalls {recalled:.3f} of the facts ({time.perf_counter() - start:.0f} s)")
     tokenizer.padding_side = side
-    staging = folder.with_name(f".{folder.name}.partial")
-    model.save_pretrained(staging)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    with atomic.staged_dir(folder) as staging:
+        model.save_pretrained(staging)
     return {"steps": steps, "recall": round(recalled, 4), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -145,7 +142,7 @@ def main() -> None:
         modes["c2c-zeroed"] = run_mode(test_rows, KVScorer(control, {name: True}))
     report["modes"] = modes
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_knowledge.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(args.out / "kv_knowledge.json", report, indent=2)
     plot(modes, len(rows[0].choices), args.out / "kv_knowledge.png")
     print(f"{len(test_rows)} facts the fuser never saw (chance {1 / len(rows[0].choices):.3f}):")
     for mode, result in modes.items():
