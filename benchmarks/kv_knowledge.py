@@ -34,7 +34,7 @@ from fedlm.federated.lora import wrap
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, default_fuser_dir, is_trained
 from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter
-from fedlm.kvcomm.train import TrainConfig, train
+from fedlm.kvcomm.train import FuserTrainConfig, train
 from fedlm.models import EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.cache import cache_root
 from fedlm.models.loader import with_adapter
@@ -92,7 +92,7 @@ def fit_fuser(
     """A fuser trained on `train_rows`, its learning curve (held out: `test_rows`) kept in its config."""
     fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, "last", 256))
     pairs, heldout = [answer_pair(r) for r in train_rows], [answer_pair(r) for r in test_rows]
-    curve = train(fuser, receiver, transmitter, pairs, heldout, TrainConfig(steps=steps, accumulate=4, lr=1e-3))
+    curve = train(fuser, receiver, transmitter, pairs, heldout, FuserTrainConfig(steps=steps, accumulate=4, lr=1e-3))
     fuser.config.extra = {"data": "city-facts", "train_pairs": len(pairs), "curve": curve.__dict__}
     return fuser
 

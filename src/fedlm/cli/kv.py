@@ -179,7 +179,7 @@ def train(
     from fedlm.bench.kv import trained_fuser_dir
     from fedlm.data.plays import play_questions
     from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
-    from fedlm.kvcomm.train import TrainConfig, gsm8k_pairs
+    from fedlm.kvcomm.train import FuserTrainConfig, gsm8k_pairs
     from fedlm.kvcomm.train import train as fit
     from fedlm.models import load
     from fedlm.models.loader import load_spec
@@ -215,7 +215,7 @@ def train(
     fuser = CacheFuser(config).to(device)
     # Keeping prefills in memory (tens of KB per token) pays only when training comes back to an example.
     reused = steps * accumulate > len(train_pairs)
-    schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
+    schedule = FuserTrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
     console = Console(stderr=True)
 
     def log_step(step: int, loss: float) -> None:  # a progress bar needs a terminal; a log file gets lines
