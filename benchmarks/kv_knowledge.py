@@ -15,14 +15,13 @@ Writes runs/bench-kv-knowledge/kv_knowledge.json and .png.
 from __future__ import annotations
 
 import argparse
-import json
 import random
-import shutil
 import time
 from pathlib import Path
 
 import torch
 
+from fedlm import atomic
 from fedlm.bench.evaluate import answer_pair, evaluate_mcq, mcq_context
 from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters, zeroed
 from fedlm.bench.scorers import LocalScorer
@@ -35,7 +34,7 @@ from fedlm.federated.lora import wrap
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, default_fuser_dir, is_trained
 from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter
-from fedlm.kvcomm.train import TrainConfig, train
+from fedlm.kvcomm.train import FuserTrainConfig, train
 from fedlm.models import EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.cache import cache_root
 from fedlm.models.loader import with_adapter
@@ -82,10 +81,8 @@ def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float,
         recalled = recall(model, tokenizer, rows, choice_ids)
         print(f"adapter: {steps} steps, recalls {recalled:.3f} of the facts ({time.perf_counter() - start:.0f} s)")
     tokenizer.padding_side = side
-    staging = folder.with_name(f".{folder.name}.partial")
-    model.save_pretrained(staging)
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+    with atomic.staged_dir(folder) as staging:
+        model.save_pretrained(staging)
     return {"steps": steps, "recall": round(recalled, 4), "seconds": round(time.perf_counter() - start, 1)}
 
 
@@ -95,7 +92,7 @@ def fit_fuser(
     """A fuser trained on `train_rows`, its learning curve (held out: `test_rows`) kept in its config."""
     fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, "last", 256))
     pairs, heldout = [answer_pair(r) for r in train_rows], [answer_pair(r) for r in test_rows]
-    curve = train(fuser, receiver, transmitter, pairs, heldout, TrainConfig(steps=steps, accumulate=4, lr=1e-3))
+    curve = train(fuser, receiver, transmitter, pairs, heldout, FuserTrainConfig(steps=steps, accumulate=4, lr=1e-3))
     fuser.config.extra = {"data": "city-facts", "train_pairs": len(pairs), "curve": curve.__dict__}
     return fuser
 
@@ -145,7 +142,7 @@ def main() -> None:
         modes["c2c-zeroed"] = run_mode(test_rows, KVScorer(control, {name: True}))
     report["modes"] = modes
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kv_knowledge.json").write_text(json.dumps(report, indent=2) + "\n")
+    atomic.write_json(args.out / "kv_knowledge.json", report, indent=2)
     plot(modes, len(rows[0].choices), args.out / "kv_knowledge.png")
     print(f"{len(test_rows)} facts the fuser never saw (chance {1 / len(rows[0].choices):.3f}):")
     for mode, result in modes.items():

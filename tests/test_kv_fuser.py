@@ -10,7 +10,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, FuserMismatchError, add_residuals
 from fedlm.kvcomm.train import (
     Example,
-    TrainConfig,
+    FuserTrainConfig,
     evaluate,
     gsm8k_pairs,
     prefill,
@@ -215,7 +215,7 @@ def test_tokens_outside_a_sliding_transmitter_window_are_left_alone(receiver, tr
 
 def test_training_fits_a_small_fixed_batch(receiver, transmitter) -> None:
     fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=32))
-    config = TrainConfig(steps=40, accumulate=4, lr=1e-2, eval_every=20, temperature_end=0.2)
+    config = FuserTrainConfig(steps=40, accumulate=4, lr=1e-2, eval_every=20, temperature_end=0.2)
     seen: list[int] = []
     curve = train(
         fuser, receiver, transmitter, PAIRS, PAIRS, config, on_step=lambda s, _: seen.append(s), progress=False

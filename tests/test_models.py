@@ -33,7 +33,7 @@ def test_interrupted_conversion_leaves_no_cache_entry(tmp_path: Path, monkeypatc
     monkeypatch.setenv("FEDLM_CACHE", str(tmp_path / "cache"))
 
     def half_then_die(model: BuiltinModel, scratch: Path, out: Path, quiet: bool) -> None:
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # the staging folder: it may exist already
         (out / "model.safetensors").write_bytes(b"partial")
         raise KeyboardInterrupt
 
@@ -50,7 +50,7 @@ def test_completed_conversion_is_reused(tmp_path: Path, monkeypatch: pytest.Monk
 
     def convert(model: BuiltinModel, scratch: Path, out: Path, quiet: bool) -> None:
         calls.append(model.name)
-        out.mkdir(parents=True)
+        out.mkdir(parents=True, exist_ok=True)  # the staging folder: it may exist already
         (out / "config.json").write_text("{}")
 
     monkeypatch.setattr(model_cache, "_convert", convert)

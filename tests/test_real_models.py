@@ -198,12 +198,12 @@ def test_kv_communication_on_the_real_pair(
     from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
     from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.kvcomm.t2t import TextTransmitter
-    from fedlm.kvcomm.train import TrainConfig, train
+    from fedlm.kvcomm.train import FuserTrainConfig, train
 
     pairs = [(mcq_context(r), f" {r.choices[r.answer]}") for r in play_questions(6, "train")]
     fuser = CacheFuser(FuserConfig.for_pair(edge, cloud, hidden=32))
     curve = train(
-        fuser, edge, cloud, pairs[:4], pairs[4:], TrainConfig(steps=2, accumulate=2, eval_every=2), progress=False
+        fuser, edge, cloud, pairs[:4], pairs[4:], FuserTrainConfig(steps=2, accumulate=2, eval_every=2), progress=False
     )
     assert len(curve.train_loss) == 2 and curve.receiver_alone_loss is not None and len(curve.eval_loss) == 1
     fuser.save(tmp_path / "fuser")

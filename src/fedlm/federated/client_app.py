@@ -110,7 +110,7 @@ def train(msg: Message, context: Context) -> Message:
             seed=config.seed * 1000 + server_round * 100 + pid,
         )
         trained = lora.extract(model)
-        metrics = {"train_loss": train_loss, "update_norm": 0.0}
+        metrics = {"train_loss": train_loss}  # update_norm only where DP measured it
         if config.dp_epsilon > 0:
             plan = dp.plan(config.dp_epsilon, config.rounds, config.dp_clip)
             rng = np.random.default_rng([config.seed, server_round, pid])

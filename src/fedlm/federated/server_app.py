@@ -9,10 +9,6 @@ strategy keeps one global adapter per cluster itself. After every round the stat
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedlm import atomic
 from fedlm.federated import checkpoint, lora
 from fedlm.federated.aggregators import Aggregator, ClientUpdate, make_aggregator
 from fedlm.federated.client_app import from_record, to_record
@@ -210,17 +207,12 @@ def initial_state(config: TrainConfig, nodes: list[NodeInfo]) -> RunState:
 
 
 def write_outputs(out: Path, config: TrainConfig, state: RunState) -> None:
-    """metrics.json every round; the adapter folders are replaced whole (temp folder, then rename)."""
-    checkpoint.write_text_atomically(out / "metrics.json", json.dumps(state.rounds, indent=2) + "\n")
+    """metrics.json every round; the adapter folders are replaced whole (`atomic.staged_dir`)."""
+    atomic.write_json(out / "metrics.json", state.rounds, indent=2)
     for kind, states in (("clients", state.personal), ("clusters", state.globals)):
         for key, adapter in states.items():
-            target = out / kind / str(key)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-            lora.save_adapter(adapter, staging, config.model)
-            if target.exists():
-                shutil.rmtree(target)
-            os.replace(staging, target)
+            with atomic.staged_dir(out / kind / str(key)) as staging:
+                lora.save_adapter(adapter, staging, config.model)
 
 
 def run(grid: Grid, config: TrainConfig) -> RunState:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import DynamicCache, PreTrainedModel
 
+from fedlm import atomic
 from fedlm.kvcomm.align import LayerAlign, layer_map
 from fedlm.kvcomm.wire import model_fingerprint
 from fedlm.models.cache import cache_root
@@ -252,17 +252,13 @@ class CacheFuser(nn.Module):
         )
 
     def save(self, folder: str | Path) -> Path:
-        """Write weights and config to a hidden staging folder, then put it in place of `folder`: a reader never
-        sees half a fuser, and a failed save leaves the previous one intact."""
+        """Write weights and config to a staging folder that then replaces `folder` (`atomic.staged_dir`): a reader
+        never sees half a fuser, and a failed or killed save leaves the previous one intact."""
         folder = Path(folder)
-        staging = folder.with_name(f".{folder.name}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, staging / WEIGHTS_FILE)
-        (staging / CONFIG_FILE).write_text(self.config.to_json() + "\n")
-        shutil.rmtree(folder, ignore_errors=True)
-        staging.rename(folder)
+        with atomic.staged_dir(folder) as staging:
+            save_file(state, staging / WEIGHTS_FILE)
+            (staging / CONFIG_FILE).write_text(self.config.to_json() + "\n")
         return folder
 
     @classmethod

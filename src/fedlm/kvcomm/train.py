@@ -47,7 +47,7 @@ class Prefill:
 
 
 @dataclass
-class TrainConfig:
+class FuserTrainConfig:
     steps: int = 200  # optimizer steps
     accumulate: int = 4  # examples per step (batch 1 each: lengths differ)
     lr: float = 1e-3
@@ -166,7 +166,7 @@ def train(
     transmitter: LoadedModel,
     train_pairs: Sequence[Pair],
     heldout_pairs: Sequence[Pair] = (),
-    config: TrainConfig | None = None,
+    config: FuserTrainConfig | None = None,
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
 ) -> LearningCurve:
@@ -179,7 +179,7 @@ def train(
     transmitter's cache zeroed. With held-out pairs and `keep_best`, the fuser ends on
     the weights of its best held-out evaluation.
     """
-    config = config or TrainConfig()
+    config = config or FuserTrainConfig()
     torch.manual_seed(config.seed)
     freeze(receiver)
     freeze(transmitter)

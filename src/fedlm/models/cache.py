@@ -2,13 +2,13 @@
 
 Loading a GGUF file dequantizes every tensor and, for Gemma, converts a 262k-entry tokenizer: about a minute.
 A safetensors reload takes seconds, so each built-in model is converted once. The conversion is written to a
-temporary folder beside the cache entry and renamed into place, so an interrupted run never leaves a broken entry.
+staging folder beside the cache entry and swapped into place (`fedlm.atomic.staged_dir`), so an interrupted run never
+leaves a broken entry.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,6 +16,7 @@ import torch
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from fedlm import atomic
 from fedlm.models.registry import BuiltinModel
 
 COMPLETE_MARKER = "fedlm-complete"
@@ -36,13 +37,13 @@ def ensure_converted(model: BuiltinModel, quiet: bool = False) -> Path:
     if (target / COMPLETE_MARKER).exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{model.name}-", dir=target.parent) as tmp:
-        staging = Path(tmp) / "model"
+    # Replaces whatever is there: a partial folder from a run older than the marker scheme.
+    with (
+        tempfile.TemporaryDirectory(prefix=f".{model.name}-", dir=target.parent) as tmp,
+        atomic.staged_dir(target) as staging,
+    ):
         _convert(model, Path(tmp), staging, quiet)
         (staging / COMPLETE_MARKER).write_text(model.package + "\n")
-        if target.exists():  # a partial folder from a run older than the marker scheme
-            shutil.rmtree(target)
-        os.replace(staging, target)
     return target
 
 
