@@ -9,7 +9,7 @@ import os
 import typer
 from rich.console import Console
 
-from fedlm.cli.options import ApiKey, Json, api_key_or_env
+from fedlm.cli.options import ApiKey, Json, api_key_or_env, egress_gate
 from fedlm.models import CLOUD_DEFAULT
 
 app = typer.Typer(help="The OpenAI-compatible cloud service and client.", no_args_is_help=True)
@@ -52,7 +52,10 @@ def probe(
     """Report what an OpenAI-compatible server supports: chat, logprobs (how many), bytes, echo scoring."""
     from fedlm.cloud.client import CloudClient
 
-    with CloudClient(cloud, api_key_or_env(api_key), model, retries=0) as client:
+    with (
+        egress_gate(None) as gate,
+        CloudClient(cloud, api_key_or_env(api_key), model, retries=0, egress=gate) as client,
+    ):
         caps = client.probe()
     if as_json:
         typer.echo(json.dumps(dataclasses.asdict(caps)))
