@@ -8,10 +8,10 @@ import time
 import pytest
 import uvicorn
 
-from fedlm.bench.scorers import FusedScorer, LocalScorer
 from fedlm.cloud.client import AsyncCloudClient
 from fedlm.cloud.engine import Engine
 from fedlm.cloud.server import create_app
+from fedlm.eval.scorers import FusedScorer, LocalScorer
 from fedlm.fusion.decoder import FusedDecoder, FusionConfig
 from fedlm.fusion.rules import make_rule
 from fedlm.models import LoadedModel
