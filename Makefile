@@ -25,20 +25,20 @@ demo: install
 	$(BIN)/fedlm demo
 
 test: install
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests
 	$(BIN)/pytest -q
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
 
 format: install
-	$(BIN)/ruff format src tests benchmarks
-	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests
 
 bench-cloud: install
-	$(BIN)/python benchmarks/cloud_throughput.py --model smollm2-135m-instruct
-	$(BIN)/python benchmarks/cloud_throughput.py --model gemma3-270m
+	$(BIN)/python -m fedlm.bench.throughput --model smollm2-135m-instruct
+	$(BIN)/python -m fedlm.bench.throughput --model gemma3-270m
 
 federated-deployment: install
 	bash scripts/federated_deployment.sh

@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq, mcq_pairs
-from fedlm.bench.scorers import CloudScorer, LocalScorer
 from fedlm.cli import app
 from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
+from fedlm.eval.bpb import evaluate_bpb
+from fedlm.eval.mcq import evaluate_mcq, mcq_pairs
+from fedlm.eval.scorers import CloudScorer, LocalScorer
 from fedlm.models import LoadedModel
 
 EXAMPLES = Path(__file__).parent.parent / "examples"

@@ -7,14 +7,18 @@ import time
 
 import pytest
 import uvicorn
+from fastapi import FastAPI
 
-from fedlm.bench.scorers import FusedScorer, LocalScorer
 from fedlm.cloud.client import AsyncCloudClient
 from fedlm.cloud.engine import Engine
 from fedlm.cloud.server import create_app
-from fedlm.fusion.decoder import FusedDecoder, FusionConfig
+from fedlm.eval.scorers import FusedScorer, LocalScorer
+from fedlm.fusion.decoder import PLAIN_CLOUD_PREFIX, FusedDecoder, FusionConfig
+from fedlm.fusion.edge import EdgeDecoder
 from fedlm.fusion.rules import make_rule
 from fedlm.models import LoadedModel
+from fedlm.models.chat import chat_prompt_ids
+from fedlm.models.token_bytes import token_bytes_table
 
 RULES = ["linear", "router", "proxy", "route"]
 
@@ -89,6 +93,77 @@ def test_generation_finishes_on_the_edge_when_the_cloud_dies(tiny_llama: LoadedM
     assert result.cloud_calls == served["requests"]  # once the cloud failed it was never asked again
 
 
+PROMPT = "The capital of France"
+TARGET = " Paris is the capital of France."
+
+
+def _insisting_cloud(edge: LoadedModel, prefix: str, target: str) -> FastAPI:
+    """A stub cloud that reads text one character per token and is sure the answer is `target`, then the end.
+
+    Wherever the answer so far still agrees with `target` and an edge token of `target` starts, its only candidate
+    is exactly that edge token (probability 1); past the end of `target` it is the end-of-turn token. Anywhere else
+    it offers nothing, so the edge's own token stands there.
+    """
+    ids = edge.tokenizer(target, add_special_tokens=False)["input_ids"]
+    table = token_bytes_table(edge.tokenizer)
+    starts, at = {}, 0
+    for token_id in ids:
+        starts[at] = table[token_id].decode()
+        at += len(table[token_id].decode())
+    assert at == len(target) and target.isascii()
+    starts[len(target)] = "<|im_end|>"
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": "insisting", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict) -> dict:
+        text = body["prompt"]
+        assert text.startswith(prefix) and body["echo"] and body["max_tokens"] == 0
+        answer = text[len(prefix) :]
+        tops: list[dict | None] = []
+        for offset in range(len(text)):
+            j = offset - len(prefix)
+            agrees = j >= 0 and answer[:j] == target[:j] and j in starts
+            tops.append({starts[j]: 0.0} if agrees else None)
+        logprobs = {
+            "tokens": list(text),
+            "text_offset": list(range(len(text))),
+            "token_logprobs": [None] + [-1.0] * (len(text) - 1),
+            "top_logprobs": tops,
+        }
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+        return {"id": "cmpl-stub", "object": "text_completion", "model": "insisting", "choices": [choice]}
+
+    return app
+
+
+@pytest.mark.parametrize("rule", ["router", "linear", "proxy"])
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_a_cloud_that_disagrees_overturns_the_edge_drafts(tiny_llama: LoadedModel, rule: str, lookahead: int) -> None:
+    prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
+    ids = tiny_llama.tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    alone = asyncio.run(_generate(tiny_llama, None, "none", max_tokens=len(ids)))
+    assert alone.text != TARGET, "the edge alone must say something else, or nothing is overturned"
+    # Where the cloud overturns, the edge had drafted another token: its greedy choice after the target's prefix.
+    edge = EdgeDecoder(tiny_llama, chat_prompt_ids(tiny_llama.tokenizer, [{"role": "user", "content": PROMPT}]))
+    expected = []
+    for token_id in ids:
+        expected.append("fused" if int(edge.next_beliefs.local.argmax()) == token_id else "cloud")
+        edge.append(token_id)
+    assert "cloud" in expected
+    with _serve(_insisting_cloud(tiny_llama, prefix, TARGET)) as (url, served):
+        result = asyncio.run(_generate(tiny_llama, url, rule, max_tokens=len(ids) + 8, lookahead=lookahead))
+    assert result.text == TARGET  # and then the end-of-turn token the cloud insisted on: nothing after it
+    assert [t.token_id for t in result.tokens] == ids
+    assert [t.source for t in result.tokens] == expected
+    assert result.fallbacks == 0 and not result.warnings
+    assert result.cloud_calls == served["requests"] - 1  # one more request: the model name, once
+    assert result.cloud_calls >= expected.count("cloud") + 1  # every overturn ends a round; the end needs one more
+
+
 @pytest.mark.parametrize("rule", RULES)
 def test_fused_scoring_of_a_model_with_itself_equals_the_edge(
     tiny_llama: LoadedModel, tiny_url: str, rule: str
@@ -100,13 +175,13 @@ def test_fused_scoring_of_a_model_with_itself_equals_the_edge(
 
 
 class _serve:
-    """Serve an engine on loopback; with `die_after`, the server shuts down after that many requests."""
+    """Serve an engine (or any app) on loopback; with `die_after`, the server shuts down after that many requests."""
 
-    def __init__(self, engine: Engine, die_after: int | None = None) -> None:
+    def __init__(self, engine: Engine | FastAPI, die_after: int | None = None) -> None:
         self.engine, self.die_after, self.counts = engine, die_after, {"requests": 0}
 
     def __enter__(self) -> tuple[str, dict]:
-        app = create_app(self.engine)
+        app = self.engine if isinstance(self.engine, FastAPI) else create_app(self.engine)
         counts, die_after = self.counts, self.die_after
 
         @app.middleware("http")

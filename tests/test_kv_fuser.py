@@ -262,3 +262,31 @@ def test_gsm8k_pairs_are_chat_questions_with_plain_answers(receiver) -> None:
     for context, answer in pairs:
         assert context.startswith("<|im_start|>user\n") and context.endswith("<|im_start|>assistant\n")
         assert "####" in answer and "<<" not in answer
+
+
+def test_train_pair_reads_only_the_chosen_layers_and_keeps_its_provenance(receiver, transmitter) -> None:
+    from fedlm.kvcomm.train import PairSetupError, train_pair
+
+    schedule = FuserTrainConfig(steps=2, accumulate=1, eval_every=1)
+    fuser, curve = train_pair(
+        receiver, transmitter, PAIRS[:3], PAIRS[3:], schedule, data="tiny", hidden=16, transmitter_layers=[2],
+        device="cpu", progress=False,
+    )  # fmt: skip
+    every = FuserConfig.for_pair(receiver, transmitter, hidden=16).layer_map
+    assert fuser.config.layer_map == [t if t == 2 else None for t in every] and 2 in fuser.config.layer_map
+    assert set(fuser.layers) == {str(r) for r, t in enumerate(every) if t == 2}
+    assert fuser.config.extra == {
+        "data": "tiny",
+        "train_pairs": 3,
+        "heldout_pairs": 1,
+        "schedule": schedule.__dict__,
+        "curve": curve.__dict__,
+        "parameters": sum(p.numel() for p in fuser.parameters()),
+    }
+    assert len(curve.train_loss) == 2 and curve.eval_steps == [1, 2] and not fuser.training
+    with pytest.raises(PairSetupError, match=r"tiny-transmitter has 3 layers; no layer \[3\]") as bad_layer:
+        train_pair(receiver, transmitter, PAIRS, (), schedule, data="tiny", transmitter_layers=[1, 3])
+    assert bad_layer.value.option == "transmitter_layers"
+    with pytest.raises(PairSetupError, match="cannot use device 'no-such-device'") as bad_device:
+        train_pair(receiver, transmitter, PAIRS, (), schedule, data="tiny", device="no-such-device")
+    assert bad_device.value.option == "device"

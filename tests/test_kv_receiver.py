@@ -6,15 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedlm.bench.evaluate import mcq_context
-from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, wire_sizes
-from fedlm.bench.scorers import LocalScorer
+from fedlm.bench.kv import wire_sizes
 from fedlm.cloud.client import CloudClient
 from fedlm.data.jsonl import McqRow
+from fedlm.eval.kv_scorer import KVScorer
+from fedlm.eval.mcq import mcq_context
+from fedlm.eval.scorers import LocalScorer
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter, token_map
 from fedlm.kvcomm.select import LinkEstimate, select
 from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
+from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import capture
 from fedlm.models import LoadedModel
 

@@ -13,11 +13,11 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from fedlm.bench.scorers import CloudScorer, LocalScorer
 from fedlm.cli import app
 from fedlm.cloud.client import CloudClient
 from fedlm.cloud.engine import Engine, SamplingParams
 from fedlm.cloud.service import background_service
+from fedlm.eval.scorers import CloudScorer, LocalScorer
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.token_bytes import token_bytes_table
 
@@ -132,7 +132,7 @@ def test_fused_generation_on_the_real_pair(edge: LoadedModel, cloud_url: str) ->
 
 
 def test_fused_scoring_on_the_real_pair(edge: LoadedModel, cloud_url: str) -> None:
-    from fedlm.bench.scorers import FusedScorer
+    from fedlm.eval.scorers import FusedScorer
     from fedlm.fusion.rules import make_rule
 
     pairs = [
@@ -192,13 +192,15 @@ def test_kv_communication_on_the_real_pair(
     edge: LoadedModel, cloud: LoadedModel, cloud_url: str, tmp_path: Path
 ) -> None:
     """Gemma's cache crosses the wire into SmolLM2 through a (briefly) trained fuser; T2T reads Gemma's hint."""
-    from fedlm.bench.evaluate import mcq_context
-    from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters
+    from fedlm.bench.kv import run_mode
     from fedlm.data.plays import play_questions
+    from fedlm.eval.kv_scorer import KVScorer
+    from fedlm.eval.mcq import mcq_context
     from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
     from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.kvcomm.t2t import TextTransmitter
     from fedlm.kvcomm.train import FuserTrainConfig, train
+    from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 
     pairs = [(mcq_context(r), f" {r.choices[r.answer]}") for r in play_questions(6, "train")]
     fuser = CacheFuser(FuserConfig.for_pair(edge, cloud, hidden=32))

@@ -1,1 +1,1 @@
-"""Evaluation and benchmarks: accuracy, bits per byte, speed, bytes on the wire."""
+"""Benchmarks only: each calls the library (`fedlm.eval`, `fedlm.fusion`, `fedlm.kvcomm`, ...) and writes JSON + PNG."""

@@ -15,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq, mcq_pairs
-from fedlm.bench.scorers import CloudScorer, LocalScorer, Pair
 from fedlm.cloud.logprobs import read_cloud_text, read_scored
 from fedlm.data.jsonl import BpbRow, McqRow
+from fedlm.eval.bpb import evaluate_bpb
+from fedlm.eval.mcq import evaluate_mcq, mcq_pairs
+from fedlm.eval.scorers import CloudScorer, LocalScorer, Pair
 from fedlm.fusion.decoder import FusionConfig, fuse_once
-from fedlm.fusion.rules import Experts, FusionRule, make_rule
+from fedlm.fusion.edge import Beliefs
+from fedlm.fusion.rules import FusionRule, make_rule
+from fedlm.fusion.step import experts_at
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 
@@ -54,16 +57,13 @@ def score_modes(
         view = read_cloud_text(reply)
         positions = reader.target_positions(context, target)
         scores["edge"].append(sum(float(before[t]) for t, _, before in positions))
-        projected = [
-            (t, before, _project(aligner, view.candidates_at(start), before)) for t, start, before in positions
+        # one projection per position, which every rule then fuses: the rules differ only in how they combine
+        experts = [
+            (t, experts_at(aligner, Beliefs(before), view.candidates_at(start))) for t, start, before in positions
         ]
         for name, rule in fusers.items():
-            scores[f"fused-{name}"].append(sum(float(rule.fuse(Experts(before, p))[t]) for t, before, p in projected))
+            scores[f"fused-{name}"].append(sum(float(rule.fuse(e)[t]) for t, e in experts))
     return scores
-
-
-def _project(aligner: VocabAligner, candidates: list | None, before: Any) -> Any:
-    return aligner.project(candidates, before) if candidates else None
 
 
 def quality(

@@ -1,8 +1,8 @@
 """KV-cache communication measured: receiver alone vs text-to-text vs cache-to-cache, on multiple choice.
 
-Every mode scores the same choices with the same receiver and the same code (`KVScorer`); they differ only in
-what the receiver reads before the choices: its own context (receiver alone), a hint the transmitter wrote
-(T2T), or its context cache with the transmitters' fused residuals (C2C). Latency is measured per question, end
+Every mode scores the same choices with the same receiver and the same code (`fedlm.eval.kv_scorer.KVScorer`); they
+differ only in what the receiver reads before the choices: its own context (receiver alone), a hint the transmitter
+wrote (T2T), or its context cache with the transmitters' fused residuals (C2C). Latency is measured per question, end
 to end: the transmitter's request (hint generation or cache prefill and transfer), fusion, and the receiver's
 scoring of every choice. Bytes are what crossed the wire for the transmitters. Everything goes through real
 loopback HTTP services, the privacy gate included.
@@ -12,80 +12,26 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, replace
-from itertools import groupby
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from fedlm.bench.evaluate import evaluate_mcq, mcq_context
-from fedlm.bench.scorers import Pair
 from fedlm.cloud.client import CloudClient
 from fedlm.data.jsonl import McqRow
+from fedlm.eval.kv_scorer import KVScorer
+from fedlm.eval.mcq import evaluate_mcq, mcq_context
 from fedlm.kvcomm.client import TransmitterClient
-from fedlm.kvcomm.fuser import CacheFuser, default_fuser_dir
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter
 from fedlm.kvcomm.select import fuser_value, probe_link, select
-from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
+from fedlm.kvcomm.t2t import TextTransmitter
+from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import KVPayload, WireFormat, bytes_per_token, capture
 from fedlm.models import LoadedModel
 
 FORMATS: tuple[WireFormat, ...] = ("fp16", "int8", "int4")
-
-
-class KVScorer:
-    """Scores targets with the receiver; consecutive pairs that share a context share one fused (or hinted) read.
-
-    `mask` picks the transmitters whose caches are fused (none: the receiver alone); `hint` (T2T) puts a
-    transmitter's text in front of the context instead. Per context it records the seconds and the bytes.
-    """
-
-    def __init__(
-        self,
-        receiver: KVReceiver,
-        mask: Mapping[str, bool] | None = None,
-        hint: TextTransmitter | None = None,
-        name: str = "kv",
-        wire_bytes: Callable[[], int] = lambda: 0,
-    ) -> None:
-        self.receiver, self.mask, self.hint, self.name, self.wire_bytes = receiver, mask or {}, hint, name, wire_bytes
-        self.tokenizer = receiver.receiver.tokenizer
-        self.seconds: list[float] = []
-        self.bytes: list[int] = []
-
-    def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
-        out: list[float] = []
-        for context, group in groupby(pairs, key=lambda pair: pair[0]):
-            targets = [target for _, target in group]
-            out += self._score_context(context, targets)
-            if progress:
-                progress(len(targets))
-        return out
-
-    def _score_context(self, context: str, targets: list[str]) -> list[float]:
-        start, sent = time.perf_counter(), self.wire_bytes()
-        hint_bytes = 0
-        if self.hint is not None:
-            hint = self.hint.hint(context)
-            context, hint_bytes = hinted_context(context, hint.text), hint.bytes_sent + hint.bytes_received
-        ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
-        cache = self.receiver.context_cache(ids, self.mask)
-        scores = [
-            self.receiver.target_logprob(cache, ids[-1], self.tokenizer(t, add_special_tokens=False)["input_ids"])
-            for t in targets
-        ]
-        self.seconds.append(time.perf_counter() - start)
-        self.bytes.append(self.wire_bytes() - sent + hint_bytes)
-        return scores
-
-
-def trained_fuser_dir(receiver: str, transmitter: str, task: str = "plays") -> Path:
-    """Where `fedlm kv train --data TASK` keeps the fuser of a model pair, and where eval and bench look for it."""
-    folder = default_fuser_dir(receiver, transmitter)
-    return folder.with_name(f"{folder.name}--{task}")
 
 
 def zeroed(transmitter: Transmitter) -> Transmitter:
@@ -101,43 +47,6 @@ def zeroed(transmitter: Transmitter) -> Transmitter:
         )
 
     return Transmitter(transmitter.name, transmitter.fuser, send)
-
-
-@dataclass(frozen=True)
-class TransmitterSpec:
-    """A transmitter for the benchmark: its model (served on loopback here) and its trained fuser's folder."""
-
-    model: LoadedModel
-    fuser_dir: Path | None = None  # default: `trained_fuser_dir(receiver, model)`
-
-
-@contextmanager
-def serve_transmitters(
-    receiver: LoadedModel, specs: Sequence[TransmitterSpec], fmt: WireFormat = "fp16"
-) -> Iterator[tuple[list[Transmitter], list[TransmitterClient]]]:
-    """Each transmitter served over loopback HTTP, with a client and its fuser; everything closes with the block.
-
-    Only the transmitter layers a fuser uses are requested, so a fuser trained on a layer subset costs only that.
-    """
-    from fedlm.kvcomm.service import background_transmitter
-
-    with ExitStack() as stack:
-        transmitters, clients = [], []
-        for spec in specs:
-            folder = spec.fuser_dir or trained_fuser_dir(receiver.name, spec.model.name)
-            fuser = CacheFuser.load(folder, receiver, spec.model)
-            url = stack.enter_context(background_transmitter(spec.model))
-            client = stack.enter_context(
-                TransmitterClient(url, expect_fingerprint=fuser.config.transmitter_fingerprint)
-            )
-            layers = sorted({t for t in fuser.config.layer_map if t is not None})
-
-            def send(text: str, client: TransmitterClient = client, layers: list[int] = layers) -> Any:
-                return client.encode(text, fmt, layers)[0]
-
-            transmitters.append(Transmitter(spec.model.name, fuser, send))
-            clients.append(client)
-        yield transmitters, clients
 
 
 def wire_sizes(transmitter: LoadedModel, text: str, layers: list[int]) -> dict[str, dict[str, float]]:

@@ -156,10 +156,10 @@ def fusion(
 
     from fedlm.bench.fusion import SPEED_PROMPT, plot, quality, speed
     from fedlm.bench.placement import busy_cloud, separate_cores
-    from fedlm.bench.scorers import CloudScorer
     from fedlm.cli.options import EMBEDDED, cloud_url
     from fedlm.data.gsm8k import load_gsm8k
     from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
+    from fedlm.eval.scorers import CloudScorer
     from fedlm.models import CLOUD_DEFAULT, load
 
     rtt_list, k_list = _numbers(rtts, float, "--rtt-ms"), _numbers(lookaheads, int, "--lookahead")
@@ -237,10 +237,11 @@ def kv(
     """Receiver alone vs T2T vs C2C (1 and 2 transmitters, quantized wire, privacy mode) on MCQ; KV bytes/token."""
     from rich.console import Console
 
-    from fedlm.bench.kv import KVBenchConfig, TransmitterSpec, plot, run_benchmark, trained_fuser_dir
+    from fedlm.bench.kv import KVBenchConfig, plot, run_benchmark
     from fedlm.data.jsonl import DataError, McqRow, read_rows
     from fedlm.data.plays import play_questions
     from fedlm.kvcomm.fuser import is_trained
+    from fedlm.kvcomm.transmitters import TransmitterSpec
     from fedlm.models import load
     from fedlm.models.loader import load_spec
 
@@ -253,14 +254,14 @@ def kv(
     console = Console()
     r = load(receiver)
     first = load(transmitter)
-    specs = [TransmitterSpec(first, fuser or trained_fuser_dir(r.name, first.name))]
+    specs = [TransmitterSpec(first, fuser)]
     if second:
         try:
             specs.append(TransmitterSpec(load_spec(second), second_fuser))
         except ValueError as err:
             raise typer.BadParameter(str(err), param_hint="--second-transmitter") from err
     for spec in specs:
-        folder = spec.fuser_dir or trained_fuser_dir(r.name, spec.model.name)
+        folder = spec.fuser_folder(r.name)
         if not is_trained(folder):
             raise typer.BadParameter(
                 f"no trained fuser in {folder}: run `fedlm kv train --transmitter {spec.model.name} --out {folder}`",

@@ -91,11 +91,12 @@ def demo_command(
 
 def _kv_demo(console: Console, edge: LoadedModel, cloud: LoadedModel) -> None:
     """C2C on one held-out which-play question, when a fuser for the pair has been trained (`fedlm kv train`)."""
-    from fedlm.bench.evaluate import mcq_pairs
-    from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, trained_fuser_dir
     from fedlm.data.plays import play_questions
-    from fedlm.kvcomm.fuser import is_trained
+    from fedlm.eval.kv_scorer import KVScorer
+    from fedlm.eval.mcq import mcq_pairs
+    from fedlm.kvcomm.fuser import is_trained, trained_fuser_dir
     from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 
     folder = trained_fuser_dir(edge.name, cloud.name)
     if not is_trained(folder):

@@ -58,11 +58,12 @@ def eval_command(
     as_json: bool = Json,
 ) -> None:
     """Score a JSONL file with the edge model or the cloud model."""
-    from fedlm.bench.evaluate import evaluate_bpb, evaluate_mcq
-    from fedlm.bench.kv import KVScorer
-    from fedlm.bench.scorers import CloudScorer, FusedScorer, LocalScorer
     from fedlm.cloud.client import CloudClient
     from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
+    from fedlm.eval.bpb import evaluate_bpb
+    from fedlm.eval.kv_scorer import KVScorer
+    from fedlm.eval.mcq import evaluate_mcq
+    from fedlm.eval.scorers import CloudScorer, FusedScorer, LocalScorer
     from fedlm.fusion.rules import make_rule
     from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.kvcomm.t2t import TextTransmitter
@@ -112,7 +113,7 @@ def eval_command(
                         scorer = FusedScorer(load(edge, quiet=as_json), rule, url, api_key_or_env(api_key), model)
                     result = run(rows, scorer, advance)
                 if mode is Mode.fused:
-                    result["fused_token_share"] = round(scorer.fused_tokens / max(scorer.target_tokens, 1), 4)
+                    result["fused_token_share"] = scorer.fused_token_share
     except UnknownModelError as err:
         raise typer.BadParameter(str(err), param_hint="--edge/--cloud-model") from err
     report = {"task": task.value, "mode": mode.value, "model": scorer.name, "data": str(data), **result}
@@ -137,23 +138,15 @@ def _kv(
     quiet: bool,
 ) -> tuple[dict, Any]:
     """--mode kv: the transmitter served on loopback, its cache fused into the edge's context through `fuser`."""
-    from fedlm.bench.kv import KVScorer, TransmitterSpec, serve_transmitters, trained_fuser_dir
+    from fedlm.eval.kv_scorer import c2c_scorer
     from fedlm.kvcomm.fuser import FuserError
-    from fedlm.kvcomm.receiver import KVReceiver
     from fedlm.models import load
 
     receiver, sender = load(edge, quiet=quiet), load(transmitter, quiet=quiet)
-    folder = fuser or trained_fuser_dir(receiver.name, sender.name)
     try:
-        with serve_transmitters(receiver, [TransmitterSpec(sender, folder)]) as (transmitters, clients):
-            scorer = KVScorer(
-                KVReceiver(receiver, transmitters),
-                {sender.name: True},
-                name=f"{edge}+kv:{transmitter}",
-                wire_bytes=lambda: clients[0].traffic.bytes_received + clients[0].traffic.bytes_sent,
-            )
+        with c2c_scorer(receiver, sender, fuser, name=f"{edge}+kv:{transmitter}") as scorer:
             result = run(rows, scorer, advance)
     except FuserError as err:
         raise typer.BadParameter(str(err), param_hint="--fuser") from err
-    result["bytes_per_text"] = round(sum(scorer.bytes) / max(len(scorer.bytes), 1), 1)
+    result["bytes_per_text"] = scorer.bytes_per_text
     return result, scorer

@@ -60,7 +60,7 @@ def generate_command(
     if adapter is not None:
         edge_model = _with_adapter(edge_model, adapter)
     config = FusionConfig(max_tokens, lookahead, deadline_ms, simulate_rtt_ms=simulate_rtt_ms)
-    use_cloud = cloud != NO_CLOUD and fusion != "none"
+    use_cloud = cloud != NO_CLOUD and rule.uses_cloud
     try:
         if not use_cloud:
             result = fuse_once(edge_model, rule, prompt, config)

@@ -175,12 +175,10 @@ def train(
     ),
 ) -> None:
     """Train a C2C cache fuser for RECEIVER <- TRANSMITTER (both frozen) and save it with its learning curve."""
-    from fedlm.bench.evaluate import answer_pair
-    from fedlm.bench.kv import trained_fuser_dir
     from fedlm.data.plays import play_questions
-    from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
-    from fedlm.kvcomm.train import FuserTrainConfig, gsm8k_pairs
-    from fedlm.kvcomm.train import train as fit
+    from fedlm.eval.mcq import answer_pair
+    from fedlm.kvcomm.fuser import trained_fuser_dir
+    from fedlm.kvcomm.train import FuserTrainConfig, PairSetupError, gsm8k_pairs, train_pair
     from fedlm.models import load
     from fedlm.models.loader import load_spec
 
@@ -198,21 +196,6 @@ def train(
     else:
         pairs = gsm8k_pairs(r, train_rows + heldout_rows)
     train_pairs, heldout_pairs = pairs[:train_rows], pairs[train_rows:]
-    config = FuserConfig.for_pair(r, t, align, hidden)  # type: ignore[arg-type]
-    if keep is not None:
-        unknown = [layer for layer in keep if layer >= config.transmitter_layers]
-        if unknown:
-            raise typer.BadParameter(
-                f"{transmitter} has {config.transmitter_layers} layers; no layer {unknown}",
-                param_hint="--transmitter-layers",
-            )
-        config.layer_map = [layer if layer in keep else None for layer in config.layer_map]
-    try:
-        r.model.to(device)
-        t.model.to(device)
-    except (RuntimeError, ValueError) as err:
-        raise typer.BadParameter(f"cannot use device {device!r}: {err}", param_hint="--device") from err
-    fuser = CacheFuser(config).to(device)
     # Keeping prefills in memory (tens of KB per token) pays only when training comes back to an example.
     reused = steps * accumulate > len(train_pairs)
     schedule = FuserTrainConfig(steps=steps, accumulate=accumulate, lr=lr, eval_every=eval_every, cache_prefills=reused)
@@ -222,15 +205,22 @@ def train(
         if not console.is_terminal and (step % eval_every == 0 or step == steps):
             console.print(f"step {step}/{steps}: training loss {loss:.4f}")
 
-    curve = fit(fuser, r, t, train_pairs, heldout_pairs, schedule, on_step=log_step)
-    fuser.config.extra = {
-        "data": data.value,
-        "train_pairs": len(train_pairs),
-        "heldout_pairs": len(heldout_pairs),
-        "schedule": schedule.__dict__,
-        "curve": curve.__dict__,
-        "parameters": sum(p.numel() for p in fuser.parameters()),
-    }
+    try:
+        fuser, curve = train_pair(
+            r,
+            t,
+            train_pairs,
+            heldout_pairs,
+            schedule,
+            data=data.value,
+            align=align,  # type: ignore[arg-type]
+            hidden=hidden,
+            transmitter_layers=keep,
+            device=device,
+            on_step=log_step,
+        )
+    except PairSetupError as err:
+        raise typer.BadParameter(str(err), param_hint=f"--{err.option.replace('_', '-')}") from err
     folder = out or trained_fuser_dir(r.name, t.name, data.value)
     fuser.save(folder)
 
@@ -260,9 +250,9 @@ def ask(
     """Answer QUESTION with the receiver alone, then with the transmitter's KV cache fused in (C2C)."""
     import time
 
-    from fedlm.bench.kv import TransmitterSpec, serve_transmitters, trained_fuser_dir
-    from fedlm.kvcomm.fuser import FuserError
+    from fedlm.kvcomm.fuser import FuserError, trained_fuser_dir
     from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
     from fedlm.models import load
 
     r, t = load(receiver, quiet=True), load(transmitter, quiet=True)

@@ -30,7 +30,8 @@ from fedlm.cloud.client import AsyncCloudClient, CloudError
 from fedlm.cloud.logprobs import CloudCandidate, CloudText, read_cloud_text
 from fedlm.egress import EgressRefused
 from fedlm.fusion.edge import Beliefs, EdgeDecoder
-from fedlm.fusion.rules import EdgeOnly, Experts, FusionRule, TokenRouting
+from fedlm.fusion.rules import FusionRule
+from fedlm.fusion.step import fuse_at
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_prompt_ids, chat_stops
@@ -110,7 +111,7 @@ class FusedDecoder:
         decoder = EdgeDecoder(self.edge, chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}]))
         cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
         state = _State(decoder, len(decoder.ids), start)
-        cloud = self.cloud if not isinstance(self.rule, EdgeOnly) else None
+        cloud = self.cloud if self.rule.uses_cloud else None
         drafts = self._draft(decoder, self._fresh_budget(cloud, 0))
         while drafts:
             sent, speculative, view = "", [], None
@@ -143,9 +144,9 @@ class FusedDecoder:
         """Fuse and keep draft tokens up to the first one fusion overturns. Returns (kept every draft, finished)."""
         for token_id, before in drafts:
             candidates = _candidates_at(view, sent, char_len(state.answer)) if view else None
-            projection = self.aligner.project(candidates, before.local) if candidates else None
-            choice = int(self.rule.fuse(Experts(before.base, projection, before.adapted)).argmax())
-            source: Source = "edge" if projection is None else ("fused" if choice == token_id else "cloud")
+            fused = fuse_at(self.rule, self.aligner, before, candidates)
+            choice = int(fused.logprobs.argmax())
+            source: Source = ("fused" if choice == token_id else "cloud") if fused.cloud_informed else "edge"
             if not result.tokens:
                 result.ttft_ms = (time.perf_counter() - state.start) * 1000
             if choice in self.eos_ids:
@@ -183,9 +184,8 @@ class FusedDecoder:
         return drafts
 
     def _wants_cloud(self, drafts: list[tuple[int, Beliefs]]) -> bool:
-        if isinstance(self.rule, TokenRouting):
-            return any(self.rule.wants_cloud(before.local) for _, before in drafts)
-        return True
+        """One request serves the whole draft, so it goes out if the rule wants the cloud at any of its positions."""
+        return any(self.rule.wants_cloud(before.local) for _, before in drafts)
 
     async def _ask_cloud(
         self, cloud: AsyncCloudClient, text: str, result: FusionResult, n_drafts: int

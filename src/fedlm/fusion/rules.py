@@ -1,7 +1,9 @@
 """Fusion rules: how the experts' next-token distributions, all over the edge vocabulary, become one.
 
-Each rule is one small class with one method, `fuse(experts) -> log-probabilities`. A rule never sees tokens or
-text, only distributions, so every rule works with any aligner and any decoding loop.
+Each rule is one small class with one method, `fuse(experts) -> log-probabilities`, and says what it needs: whether
+it uses the cloud at all (`uses_cloud`) and whether, given the device's own belief at a position, the cloud is
+worth asking there (`wants_cloud`). A decoding loop asks the rule; it never checks which rule it holds. A rule never
+sees tokens or text, only distributions, so every rule works with any aligner and any decoding loop.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Protocol
 
 import torch
 
+from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.vocab import Projection
 
 
@@ -23,11 +26,30 @@ class Experts:
     cloud: Projection | None = None  # None: the cloud was not asked, was late, or had no shared boundary here
     adapted: torch.Tensor | None = None  # the edge model with a LoRA adapter, when one is loaded
 
+    @property
+    def local(self) -> torch.Tensor:
+        """The best on-device belief (`Beliefs.local`): the adapted edge when there is one."""
+        return Beliefs(self.edge, self.adapted).local
+
 
 class FusionRule(Protocol):
     name: str
+    uses_cloud: bool  # False: the cloud is never asked (the decoder runs without one)
+
+    def wants_cloud(self, local: torch.Tensor) -> bool:
+        """Whether the cloud is worth asking at a position where the device believes `local` (log-probabilities)."""
+        ...
 
     def fuse(self, experts: Experts) -> torch.Tensor: ...
+
+
+class CloudRule:
+    """What most rules need: the cloud, at every position. A rule that needs less overrides these."""
+
+    uses_cloud = True
+
+    def wants_cloud(self, local: torch.Tensor) -> bool:
+        return True
 
 
 def entropy(logprobs: torch.Tensor) -> float:
@@ -38,22 +60,21 @@ def _normalise(logits: torch.Tensor) -> torch.Tensor:
     return logits.log_softmax(-1)
 
 
-def _local(experts: Experts) -> torch.Tensor:
-    """The best on-device belief: the adapted edge when there is one."""
-    return experts.adapted if experts.adapted is not None else experts.edge
-
-
 class EdgeOnly:
-    """No fusion: the baseline that every rule falls back to."""
+    """No fusion: the baseline that every rule falls back to. It never asks the cloud."""
 
     name = "none"
+    uses_cloud = False
+
+    def wants_cloud(self, local: torch.Tensor) -> bool:
+        return False
 
     def fuse(self, experts: Experts) -> torch.Tensor:
-        return _local(experts)
+        return experts.local
 
 
 @dataclass
-class LogLinear:
+class LogLinear(CloudRule):
     """log p = (1 - w) log p_edge + w log p_cloud, renormalised: a product of experts with a fixed weight."""
 
     weight: float = 0.5
@@ -61,11 +82,11 @@ class LogLinear:
 
     def fuse(self, experts: Experts) -> torch.Tensor:
         if experts.cloud is None:
-            return _local(experts)
-        return _normalise((1 - self.weight) * _local(experts) + self.weight * experts.cloud.logprobs)
+            return experts.local
+        return _normalise((1 - self.weight) * experts.local + self.weight * experts.cloud.logprobs)
 
 
-class Router:
+class Router(CloudRule):
     """A parameter-free mixture: each expert is weighted by its own confidence at this token.
 
     Confidence is exp(-entropy): an expert that spreads its mass wide says it does not know. The cloud's entropy is
@@ -99,7 +120,7 @@ class Router:
         return mixed
 
 
-class ProxyTuning:
+class ProxyTuning(CloudRule):
     """log p = log p_cloud + (log p_adapted - log p_edge): the adapter's learned shift, applied to the cloud.
 
     Without an adapter the shift is zero and this is the cloud alone; without the cloud, the adapted edge.
@@ -109,24 +130,24 @@ class ProxyTuning:
 
     def fuse(self, experts: Experts) -> torch.Tensor:
         if experts.cloud is None:
-            return _local(experts)
+            return experts.local
         shift = experts.adapted - experts.edge if experts.adapted is not None else 0.0
         return _normalise(experts.cloud.logprobs + shift)
 
 
 @dataclass
-class TokenRouting:
+class TokenRouting(CloudRule):
     """Ask the cloud only where the edge is unsure (its top probability below `threshold`), then use the cloud."""
 
     threshold: float = 0.5
     name: str = "route"
 
-    def wants_cloud(self, edge_logprobs: torch.Tensor) -> bool:
-        return float(edge_logprobs.max().exp()) < self.threshold
+    def wants_cloud(self, local: torch.Tensor) -> bool:
+        return float(local.max().exp()) < self.threshold
 
     def fuse(self, experts: Experts) -> torch.Tensor:
-        if experts.cloud is None or not self.wants_cloud(_local(experts)):
-            return _local(experts)
+        if experts.cloud is None or not self.wants_cloud(experts.local):
+            return experts.local
         return experts.cloud.logprobs
 
 

@@ -301,9 +301,14 @@ def add_residuals(receiver_cache: DynamicCache, residuals: Iterable[Residuals]) 
     return fused
 
 
-def default_fuser_dir(receiver: str, transmitter: str) -> Path:
-    """`<cache>/fusers/<receiver>--<transmitter>`: where trained fusers live, outside git."""
-    return cache_root() / "fusers" / f"{Path(receiver).name}--{Path(transmitter).name}"
+def trained_fuser_dir(receiver: str, transmitter: str, task: str | None = "plays") -> Path:
+    """Where the fuser of a model pair lives, outside git: `<cache>/fusers/<receiver>--<transmitter>--<task>`.
+
+    `fedlm kv train --data TASK` writes there, and eval, demo and bench look there. `task=None` drops the suffix,
+    for a fuser whose transmitter's name already says what it knows (the knowledge benchmark's adapted model).
+    """
+    folder = cache_root() / "fusers" / f"{Path(receiver).name}--{Path(transmitter).name}"
+    return folder if task is None else folder.with_name(f"{folder.name}--{task}")
 
 
 def _by_layer(transmitter_kv: TransmitterKV) -> Mapping[int, KV | None]:

@@ -21,8 +21,8 @@ from torch import Tensor
 from transformers import DynamicCache
 
 from fedlm.data.gsm8k import load_gsm8k
-from fedlm.kvcomm.align import align_tokens, context_text, encode_with_spans
-from fedlm.kvcomm.fuser import KV, CacheFuser, add_residuals
+from fedlm.kvcomm.align import LayerAlign, align_tokens, context_text, encode_with_spans
+from fedlm.kvcomm.fuser import KV, CacheFuser, FuserConfig, add_residuals
 from fedlm.models.chat import chat_prompt_ids
 from fedlm.models.loader import LoadedModel
 
@@ -243,6 +243,63 @@ def train(
     fuser.eval()
     curve.seconds = time.perf_counter() - start
     return curve
+
+
+class PairSetupError(ValueError):
+    """A setting that cannot serve this model pair; `option` names it (`transmitter_layers` or `device`)."""
+
+    def __init__(self, message: str, option: str) -> None:
+        super().__init__(message)
+        self.option = option
+
+
+def train_pair(
+    receiver: LoadedModel,
+    transmitter: LoadedModel,
+    train_pairs: Sequence[Pair],
+    heldout_pairs: Sequence[Pair],
+    schedule: FuserTrainConfig,
+    *,
+    data: str,
+    align: LayerAlign = "last",
+    hidden: int = 256,
+    transmitter_layers: Sequence[int] | None = None,
+    device: str | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> tuple[CacheFuser, LearningCurve]:
+    """A fuser for receiver <- transmitter, trained on `train_pairs` (both models frozen); not yet saved.
+
+    The fuser reads only `transmitter_layers` (default: all; only these then cross the wire). With `device`, both
+    models and the fuser move there first. Its config keeps the provenance: the `data` it learned, the pair counts,
+    the schedule, the learning curve (held out: `heldout_pairs`) and its parameter count. Raises `PairSetupError`
+    for a layer the transmitter lacks or a device that cannot be used, before any training.
+    """
+    config = FuserConfig.for_pair(receiver, transmitter, align, hidden)
+    if transmitter_layers is not None:
+        unknown = [layer for layer in transmitter_layers if layer >= config.transmitter_layers]
+        if unknown:
+            raise PairSetupError(
+                f"{transmitter.name} has {config.transmitter_layers} layers; no layer {unknown}", "transmitter_layers"
+            )
+        config.layer_map = [layer if layer in transmitter_layers else None for layer in config.layer_map]
+    if device is not None:
+        try:
+            receiver.model.to(device)
+            transmitter.model.to(device)
+        except (RuntimeError, ValueError) as err:
+            raise PairSetupError(f"cannot use device {device!r}: {err}", "device") from err
+    fuser = CacheFuser(config).to(device) if device is not None else CacheFuser(config)
+    curve = train(fuser, receiver, transmitter, train_pairs, heldout_pairs, schedule, on_step, progress)
+    fuser.config.extra = {
+        "data": data,
+        "train_pairs": len(train_pairs),
+        "heldout_pairs": len(heldout_pairs),
+        "schedule": schedule.__dict__,
+        "curve": curve.__dict__,
+        "parameters": sum(p.numel() for p in fuser.parameters()),
+    }
+    return fuser, curve
 
 
 def chat_context(receiver: LoadedModel, question: str) -> str:

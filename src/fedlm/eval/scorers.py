@@ -16,7 +16,9 @@ import torch
 
 from fedlm.cloud.client import AsyncCloudClient
 from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
-from fedlm.fusion.rules import Experts, FusionRule
+from fedlm.fusion.edge import Beliefs
+from fedlm.fusion.rules import FusionRule
+from fedlm.fusion.step import fuse_at
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.token_bytes import token_bytes_table, token_starts
@@ -133,18 +135,21 @@ class FusedScorer:
         self.name = f"{edge.name}+cloud/{rule.name}"
         self.fused_tokens = self.target_tokens = 0
 
+    @property
+    def fused_token_share(self) -> float:
+        """Of the target tokens scored so far, the share the cloud informed (a shared text boundary)."""
+        return round(self.fused_tokens / max(self.target_tokens, 1), 4)
+
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
         views = self.cloud.views(pairs, self.top_logprobs)
         out = []
         for (context, target), view in zip(pairs, views, strict=True):
             total = 0.0
             for token_id, start, before in self.edge.target_positions(context, target):
+                fused = fuse_at(self.rule, self.aligner, Beliefs(before), view.candidates_at(start))
                 self.target_tokens += 1
-                candidates = view.candidates_at(start)
-                if candidates is not None:
-                    self.fused_tokens += 1
-                    before = self.rule.fuse(Experts(before, self.aligner.project(candidates, before)))
-                total += float(before[token_id])
+                self.fused_tokens += fused.cloud_informed
+                total += float(fused.logprobs[token_id])
             out.append(total)
             if progress:
                 progress(1)

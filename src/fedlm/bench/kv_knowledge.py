@@ -6,7 +6,7 @@ here, as a device trains on its own data, then merged); the receiver is the base
 some facts and is tested on the others, which it never saw: on those, only what it reads off the transmitter's
 cache can lift C2C above the zeroed control.
 
-    .venv/bin/python benchmarks/kv_knowledge.py [--facts 240] [--train-facts 180] [--fuser-steps 250]
+    .venv/bin/python -m fedlm.bench.kv_knowledge [--facts 240] [--train-facts 180] [--fuser-steps 250]
 
 The adapter and the fuser are kept under <cache>/adapters and <cache>/fusers and reused (--retrain: train anew).
 Writes runs/bench-kv-knowledge/kv_knowledge.json and .png.
@@ -22,19 +22,21 @@ from pathlib import Path
 import torch
 
 from fedlm import atomic
-from fedlm.bench.evaluate import answer_pair, evaluate_mcq, mcq_context
-from fedlm.bench.kv import KVScorer, TransmitterSpec, run_mode, serve_transmitters, zeroed
-from fedlm.bench.scorers import LocalScorer
+from fedlm.bench.kv import run_mode, zeroed
 from fedlm.cloud.client import CloudClient
 from fedlm.cloud.engine import Engine
 from fedlm.cloud.service import background_service
 from fedlm.data.facts import city_facts, fact_questions
 from fedlm.data.jsonl import McqRow
+from fedlm.eval.kv_scorer import KVScorer
+from fedlm.eval.mcq import answer_pair, evaluate_mcq, mcq_context
+from fedlm.eval.scorers import LocalScorer
 from fedlm.federated.lora import wrap
-from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, default_fuser_dir, is_trained
+from fedlm.kvcomm.fuser import CacheFuser, is_trained, trained_fuser_dir
 from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter
-from fedlm.kvcomm.train import FuserTrainConfig, train
+from fedlm.kvcomm.train import FuserTrainConfig, train_pair
+from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.models import EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.cache import cache_root
 from fedlm.models.loader import with_adapter
@@ -90,11 +92,9 @@ def fit_fuser(
     receiver: LoadedModel, transmitter: LoadedModel, train_rows: list[McqRow], test_rows: list[McqRow], steps: int
 ) -> CacheFuser:
     """A fuser trained on `train_rows`, its learning curve (held out: `test_rows`) kept in its config."""
-    fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, "last", 256))
     pairs, heldout = [answer_pair(r) for r in train_rows], [answer_pair(r) for r in test_rows]
-    curve = train(fuser, receiver, transmitter, pairs, heldout, FuserTrainConfig(steps=steps, accumulate=4, lr=1e-3))
-    fuser.config.extra = {"data": "city-facts", "train_pairs": len(pairs), "curve": curve.__dict__}
-    return fuser
+    schedule = FuserTrainConfig(steps=steps, accumulate=4, lr=1e-3)
+    return train_pair(receiver, transmitter, pairs, heldout, schedule, data="city-facts")[0]
 
 
 def main() -> None:
@@ -119,7 +119,7 @@ def main() -> None:
         fresh = load(args.edge, quiet=True)
         report["adapter"] = memorise(fresh, rows, adapter_dir, args.recall_target, args.max_adapter_steps)
     transmitter = with_adapter(load(args.edge, quiet=True), adapter_dir, merge=True)
-    fuser_dir = default_fuser_dir(receiver.name, transmitter.name)
+    fuser_dir = trained_fuser_dir(receiver.name, transmitter.name, task=None)
     if args.retrain or not is_trained(fuser_dir):
         fit_fuser(receiver, transmitter, train_rows, test_rows, args.fuser_steps).save(fuser_dir)
     curve = CacheFuser.load(fuser_dir, receiver, transmitter).config.extra["curve"]

@@ -1,0 +1,56 @@
+"""Transmitters served on loopback HTTP for a receiver: each model behind its own KV service, with a client and the
+trained fuser that maps its cache into the receiver's."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedlm.kvcomm.client import TransmitterClient
+from fedlm.kvcomm.fuser import CacheFuser, trained_fuser_dir
+from fedlm.kvcomm.receiver import Transmitter
+from fedlm.kvcomm.wire import WireFormat
+from fedlm.models import LoadedModel
+
+
+@dataclass(frozen=True)
+class TransmitterSpec:
+    """A transmitter to serve: its model (served on loopback here) and its trained fuser's folder."""
+
+    model: LoadedModel
+    fuser_dir: Path | None = None  # default: `trained_fuser_dir(receiver, model)`
+
+    def fuser_folder(self, receiver: str) -> Path:
+        """Where this transmitter's fuser into `receiver` is: the folder given, else the trained pair's default."""
+        return self.fuser_dir or trained_fuser_dir(receiver, self.model.name)
+
+
+@contextmanager
+def serve_transmitters(
+    receiver: LoadedModel, specs: Sequence[TransmitterSpec], fmt: WireFormat = "fp16"
+) -> Iterator[tuple[list[Transmitter], list[TransmitterClient]]]:
+    """Each transmitter served over loopback HTTP, with a client and its fuser; everything closes with the block.
+
+    Only the transmitter layers a fuser uses are requested, so a fuser trained on a layer subset costs only that.
+    """
+    from fedlm.kvcomm.service import background_transmitter
+
+    with ExitStack() as stack:
+        transmitters, clients = [], []
+        for spec in specs:
+            fuser = CacheFuser.load(spec.fuser_folder(receiver.name), receiver, spec.model)
+            url = stack.enter_context(background_transmitter(spec.model))
+            client = stack.enter_context(
+                TransmitterClient(url, expect_fingerprint=fuser.config.transmitter_fingerprint)
+            )
+            layers = sorted({t for t in fuser.config.layer_map if t is not None})
+
+            def send(text: str, client: TransmitterClient = client, layers: list[int] = layers) -> Any:
+                return client.encode(text, fmt, layers)[0]
+
+            transmitters.append(Transmitter(spec.model.name, fuser, send))
+            clients.append(client)
+        yield transmitters, clients
