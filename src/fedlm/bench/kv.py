@@ -165,6 +165,7 @@ def run_benchmark(
     """
     from fedlm.cloud.engine import Engine
     from fedlm.cloud.service import background_service
+    from fedlm.privacy import EgressGate
     from fedlm.privacy.rephrase import SlmRewriter
 
     first = specs[0]
@@ -203,9 +204,19 @@ def run_benchmark(
                 if config.private_rows:
                     first_rows = rows[: config.private_rows]
                     progress(f"{name}: c2c-1-private ({len(first_rows)} questions, rephrased on the device)")
-                    private = KVReceiver(receiver, transmitters, rephrase=SlmRewriter(receiver.name))
-                    scorer = KVScorer(private, {names[0]: True}, wire_bytes=received)
-                    modes[name]["c2c-1-private"] = run_mode(first_rows, scorer)
+                    rewriter = SlmRewriter(receiver.name)
+                    with (
+                        EgressGate("rephrase", rewriter=rewriter, rephrase_all=True) as gate,
+                        serve_transmitters(receiver, specs[:1], fmt, gate) as (rephrased, private_clients),
+                    ):
+                        scorer = KVScorer(
+                            KVReceiver(receiver, rephrased),
+                            {names[0]: True},
+                            wire_bytes=lambda: sum(
+                                c.traffic.bytes_received + c.traffic.bytes_sent for c in private_clients
+                            ),
+                        )
+                        modes[name]["c2c-1-private"] = run_mode(first_rows, scorer)
                     same_rows = KVScorer(kv, {names[0]: True}, wire_bytes=received)
                     modes[name]["c2c-1-same-rows-as-private"] = run_mode(first_rows, same_rows)
     layers = sorted({t for t in fuser.config.layer_map if t is not None})

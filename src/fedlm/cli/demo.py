@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlm.cli.generate import provenance_line, source_legend
+from fedlm.cli.options import egress_gate
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, LoadedModel
 
 QUESTION = "What is the capital of France?"
@@ -45,8 +46,8 @@ def demo_command(
         "edge only", str(len(alone.tokens)), f"{alone.ttft_ms:.0f}", f"{alone.tokens_per_s:.1f}", "0", "0 / 0"
     )
 
-    with background_service(Engine(cloud)) as url:
-        with CloudClient(url) as client:
+    with egress_gate(None) as gate, background_service(Engine(cloud)) as url:
+        with CloudClient(url, egress=gate) as client:
             start, first, tokens, text = time.perf_counter(), None, 0, ""
             for chunk in client.stream_chat(
                 [{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0, logprobs=True
@@ -69,7 +70,7 @@ def demo_command(
             str(traffic.requests),
             f"{traffic.bytes_sent} / {traffic.bytes_received}",
         )
-        together = fuse_once(edge, make_rule("router"), question, config, url)
+        together = fuse_once(edge, make_rule("router"), question, config, url, egress=gate)
     console.print(f"[bold]fused[/] (router, lookahead {lookahead}): ", end="")
     console.print(provenance_line(together))
     console.print(source_legend())
@@ -108,7 +109,10 @@ def _kv_demo(console: Console, edge: LoadedModel, cloud: LoadedModel) -> None:
     row = play_questions(1)[0]
     pairs = mcq_pairs(row)
     alone = KVScorer(KVReceiver(edge, [])).score(pairs)
-    with serve_transmitters(edge, [TransmitterSpec(cloud, folder)], "int8") as (transmitters, clients):
+    with (
+        egress_gate(None) as gate,
+        serve_transmitters(edge, [TransmitterSpec(cloud, folder)], "int8", gate) as (transmitters, clients),
+    ):
         fused = KVScorer(KVReceiver(edge, transmitters), {cloud.name: True}).score(pairs)
         received = clients[0].traffic.bytes_received
     pick = {name: row.choices[max(range(len(s)), key=s.__getitem__)] for name, s in (("alone", alone), ("c2c", fused))}

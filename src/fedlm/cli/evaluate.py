@@ -7,15 +7,18 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from fedlm.cli.options import ApiKey, Cloud, CloudModel, Edge, Json, api_key_or_env, cloud_url
+from fedlm.cli.options import ApiKey, Cloud, CloudModel, Edge, Json, api_key_or_env, cloud_url, egress_gate
 from fedlm.models import CLOUD_DEFAULT
+
+if TYPE_CHECKING:
+    from fedlm.egress import EgressHook
 
 
 class Task(StrEnum):
@@ -89,7 +92,10 @@ def eval_command(
         TimeRemainingColumn(),
     )
     try:
-        with Progress(*columns, console=console, disable=as_json and not console.is_terminal) as progress:
+        with (
+            egress_gate(None) as gate,
+            Progress(*columns, console=console, disable=as_json and not console.is_terminal) as progress,
+        ):
             bar = progress.add_task("score", total=texts)
 
             def advance(n: int) -> None:
@@ -99,18 +105,20 @@ def eval_command(
                 scorer = LocalScorer(load_spec(edge, quiet=as_json))
                 result = run(rows, scorer, advance)
             elif mode is Mode.kv:
-                result, scorer = _kv(rows, run, advance, edge, transmitter, fuser, as_json)
+                result, scorer = _kv(rows, run, advance, edge, transmitter, fuser, as_json, gate)
             else:
                 with ExitStack() as stack:
                     url, model = stack.enter_context(cloud_url(cloud, cloud_model, quiet=as_json))
                     if mode is Mode.cloud:
-                        scorer = CloudScorer(url, api_key_or_env(api_key), model)
+                        scorer = CloudScorer(url, api_key_or_env(api_key), model, egress=gate)
                     elif mode is Mode.t2t:
-                        hints = stack.enter_context(CloudClient(url, api_key_or_env(api_key), model=model))
+                        hints = stack.enter_context(CloudClient(url, api_key_or_env(api_key), model=model, egress=gate))
                         receiver = KVReceiver(load(edge, quiet=as_json), [])
                         scorer = KVScorer(receiver, hint=TextTransmitter(hints), name=f"{edge}+t2t:{model or url}")
                     else:
-                        scorer = FusedScorer(load(edge, quiet=as_json), rule, url, api_key_or_env(api_key), model)
+                        scorer = FusedScorer(
+                            load(edge, quiet=as_json), rule, url, api_key_or_env(api_key), model, egress=gate
+                        )
                     result = run(rows, scorer, advance)
                 if mode is Mode.fused:
                     result["fused_token_share"] = scorer.fused_token_share
@@ -136,6 +144,7 @@ def _kv(
     transmitter: str,
     fuser: Path | None,
     quiet: bool,
+    gate: EgressHook,
 ) -> tuple[dict, Any]:
     """--mode kv: the transmitter served on loopback, its cache fused into the edge's context through `fuser`."""
     from fedlm.eval.kv_scorer import c2c_scorer
@@ -144,7 +153,7 @@ def _kv(
 
     receiver, sender = load(edge, quiet=quiet), load(transmitter, quiet=quiet)
     try:
-        with c2c_scorer(receiver, sender, fuser, name=f"{edge}+kv:{transmitter}") as scorer:
+        with c2c_scorer(receiver, sender, fuser, name=f"{edge}+kv:{transmitter}", egress=gate) as scorer:
             result = run(rows, scorer, advance)
     except FuserError as err:
         raise typer.BadParameter(str(err), param_hint="--fuser") from err

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlm import atomic
-from fedlm.cli.options import Json
+from fedlm.cli.options import Json, egress_gate
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
 
 app = typer.Typer(help="KV-cache communication: transmitter service and wire blobs.", no_args_is_help=True)
@@ -262,7 +262,10 @@ def ask(
     alone = KVReceiver(r, []).generate(ids, max_tokens)
     alone_s = time.perf_counter() - start
     try:
-        with serve_transmitters(r, [TransmitterSpec(t, folder)], fmt.value) as (transmitters, clients):
+        with (
+            egress_gate(None) as gate,
+            serve_transmitters(r, [TransmitterSpec(t, folder)], fmt.value, gate) as (transmitters, clients),
+        ):
             start = time.perf_counter()
             fused = KVReceiver(r, transmitters).generate(ids, max_tokens, {t.name: True})
             fused_s, received = time.perf_counter() - start, clients[0].traffic.bytes_received

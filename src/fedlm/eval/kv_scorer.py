@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from itertools import groupby
 from pathlib import Path
 
+from fedlm.egress import EgressHook
 from fedlm.eval.scorers import Pair
 from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
@@ -81,10 +82,13 @@ def c2c_scorer(
     fuser_dir: Path | None = None,
     fmt: WireFormat = "fp16",
     name: str = "kv",
+    egress: EgressHook | None = None,
 ) -> Iterator[KVScorer]:
     """A C2C scorer: `transmitter` served on loopback for the block, its cache fused into the receiver's context
-    through the fuser in `fuser_dir` (default: the pair's trained one), every byte both ways counted."""
-    with serve_transmitters(receiver, [TransmitterSpec(transmitter, fuser_dir)], fmt) as (transmitters, clients):
+    through the fuser in `fuser_dir` (default: the pair's trained one), every byte both ways counted, every request
+    through `egress`."""
+    spec = TransmitterSpec(transmitter, fuser_dir)
+    with serve_transmitters(receiver, [spec], fmt, egress) as (transmitters, clients):
         client = clients[0]
         yield KVScorer(
             KVReceiver(receiver, transmitters),

@@ -16,6 +16,7 @@ import torch
 
 from fedlm.cloud.client import AsyncCloudClient
 from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
+from fedlm.egress import EgressHook
 from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import FusionRule
 from fedlm.fusion.step import fuse_at
@@ -70,13 +71,19 @@ class LocalScorer:
 class CloudScorer:
     """Scores through an OpenAI-compatible server's prompt logprobs (`echo`): the black-box path.
 
-    Requests go out `concurrency` at a time, so a batching server can serve them together.
+    Requests go out `concurrency` at a time, so a batching server can serve them together, each through `egress`
+    (the caller's privacy gate; default: audited, unchanged).
     """
 
     def __init__(
-        self, base_url: str, api_key: str | None = None, model: str | None = None, concurrency: int = 4
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        model: str | None = None,
+        concurrency: int = 4,
+        egress: EgressHook | None = None,
     ) -> None:
-        self.base_url, self.api_key, self.model = base_url, api_key, model
+        self.base_url, self.api_key, self.model, self.egress = base_url, api_key, model, egress
         self.name = model or base_url
         self.concurrency = concurrency
 
@@ -96,7 +103,7 @@ class CloudScorer:
 
     async def _echo(self, texts: list[str], top_logprobs: int, progress: Callable[[int], None] | None) -> list[dict]:
         gate = asyncio.Semaphore(self.concurrency)
-        async with AsyncCloudClient(self.base_url, self.api_key, self.model) as client:
+        async with AsyncCloudClient(self.base_url, self.api_key, self.model, egress=self.egress) as client:
             self.name = await client.resolve_model()
 
             async def one(text: str) -> dict:
@@ -127,9 +134,10 @@ class FusedScorer:
         model: str | None = None,
         concurrency: int = 4,
         top_logprobs: int = 20,
+        egress: EgressHook | None = None,
     ) -> None:
         self.edge = LocalScorer(edge)
-        self.rule, self.cloud = rule, CloudScorer(base_url, api_key, model, concurrency)
+        self.rule, self.cloud = rule, CloudScorer(base_url, api_key, model, concurrency, egress)
         self.aligner = VocabAligner(edge.tokenizer, edge.eos_ids)
         self.top_logprobs = top_logprobs
         self.name = f"{edge.name}+cloud/{rule.name}"

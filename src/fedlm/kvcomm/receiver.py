@@ -47,15 +47,11 @@ def token_map(receiver_text: str, receiver_spans: Sequence[Span], payload: KVPay
 
 
 class KVReceiver:
-    """The receiver model with its transmitters; `rephrase` (optional) rewrites what transmitters are sent."""
+    """The receiver model with its transmitters. What they are sent leaves through each one's egress hook (the
+    privacy gate: it may redact or rephrase it), and each sends back the text it actually read."""
 
-    def __init__(
-        self,
-        receiver: LoadedModel,
-        transmitters: Sequence[Transmitter],
-        rephrase: Callable[[str], str] | None = None,
-    ) -> None:
-        self.receiver, self.transmitters, self.rephrase = receiver, list(transmitters), rephrase
+    def __init__(self, receiver: LoadedModel, transmitters: Sequence[Transmitter]) -> None:
+        self.receiver, self.transmitters = receiver, list(transmitters)
         self.received: dict[str, int] = {}  # transmitter -> payload tokens received, for accounting
 
     @torch.no_grad()
@@ -70,10 +66,9 @@ class KVReceiver:
             raise ValueError("a context needs at least two receiver tokens")
         active = [t for t in self.transmitters if mask is None or mask.get(t.name, False)]
         text, spans = context_text(self.receiver, context_ids) if active else ("", [])
-        sent = self.rephrase(text) if self.rephrase and active else text
         with ThreadPoolExecutor(max_workers=max(len(active), 1)) as pool:
             # every transmitter works in parallel, and while they do, the receiver reads its own context
-            asked = [pool.submit(t.send, sent) for t in active]
+            asked = [pool.submit(t.send, text) for t in active]
             own = self.receiver.model(
                 input_ids=torch.tensor([list(context_ids[:-1])]), use_cache=True, logits_to_keep=1
             )

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedlm.egress import EgressHook
 from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.fuser import CacheFuser, trained_fuser_dir
 from fedlm.kvcomm.receiver import Transmitter
@@ -30,9 +31,13 @@ class TransmitterSpec:
 
 @contextmanager
 def serve_transmitters(
-    receiver: LoadedModel, specs: Sequence[TransmitterSpec], fmt: WireFormat = "fp16"
+    receiver: LoadedModel,
+    specs: Sequence[TransmitterSpec],
+    fmt: WireFormat = "fp16",
+    egress: EgressHook | None = None,
 ) -> Iterator[tuple[list[Transmitter], list[TransmitterClient]]]:
     """Each transmitter served over loopback HTTP, with a client and its fuser; everything closes with the block.
+    Every client sends through `egress` (the caller's privacy gate; default: audited, unchanged).
 
     Only the transmitter layers a fuser uses are requested, so a fuser trained on a layer subset costs only that.
     """
@@ -44,7 +49,7 @@ def serve_transmitters(
             fuser = CacheFuser.load(spec.fuser_folder(receiver.name), receiver, spec.model)
             url = stack.enter_context(background_transmitter(spec.model))
             client = stack.enter_context(
-                TransmitterClient(url, expect_fingerprint=fuser.config.transmitter_fingerprint)
+                TransmitterClient(url, egress=egress, expect_fingerprint=fuser.config.transmitter_fingerprint)
             )
             layers = sorted({t for t in fuser.config.layer_map if t is not None})
 
