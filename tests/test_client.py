@@ -234,3 +234,27 @@ def test_every_request_is_audited_by_default(
     records = [json.loads(line) for line in log.read_text().splitlines()]
     assert [r["policy"] for r in records] == ["off", "off"]
     assert sum(r["bytes"] for r in records) == sent and all(r["destination"].startswith(tiny_url) for r in records)
+
+
+def test_probe_names_the_way_fusion_will_read_a_server(connect: Connect, tiny_url: str) -> None:
+    """Ours echoes prompt logprobs; a llama-server-shaped one gives chat-shape logprobs on generated tokens only."""
+    with connect(tiny_url) as client:
+        assert client.probe().protocol == "echo"
+    app = FastAPI()
+    entry = {"token": " there", "logprob": -0.5, "bytes": list(b" there")}
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"data": [{"id": "ahead"}]}
+
+    @app.post("/v1/completions")
+    def complete(body: dict) -> dict:
+        top = [entry, {"token": "!", "logprob": -1.5, "bytes": [33]}][: body.get("logprobs") or 0]
+        content = [{**entry, "top_logprobs": top}]
+        return {
+            "choices": [{"index": 0, "text": " there", "logprobs": {"content": content}, "finish_reason": "length"}]
+        }
+
+    with serve_app(app) as url, connect(url) as client:
+        caps = client.probe()
+    assert caps.protocol == "ahead" and not caps.echo and caps.completions and caps.completion_logprobs == 2

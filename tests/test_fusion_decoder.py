@@ -9,7 +9,7 @@ import pytest
 import uvicorn
 from fastapi import FastAPI
 
-from fedlm.cloud.client import AsyncCloudClient
+from fedlm.cloud.client import AsyncCloudClient, CloudError
 from fedlm.cloud.engine import Engine
 from fedlm.cloud.server import create_app
 from fedlm.eval.scorers import FusedScorer, LocalScorer
@@ -47,7 +47,11 @@ def test_fusing_a_model_with_itself_changes_nothing(
 ) -> None:
     prefix = _same_prompt_as_edge(tiny_llama)
     alone = asyncio.run(_generate(tiny_llama, None, "none", max_tokens=16))
-    fused = asyncio.run(_generate(tiny_llama, tiny_url, rule, max_tokens=16, lookahead=lookahead, cloud_prefix=prefix))
+    fused = asyncio.run(
+        _generate(
+            tiny_llama, tiny_url, rule, max_tokens=16, lookahead=lookahead, cloud_prefix=prefix, cloud_separator=""
+        )
+    )
     assert [t.token_id for t in fused.tokens] == [t.token_id for t in alone.tokens]
     assert fused.cloud_calls >= 16 // lookahead and "fused" in {t.source for t in fused.tokens}
     assert fused.bytes_sent > 0 and fused.bytes_received > 0 and fused.fallbacks == 0
@@ -58,7 +62,17 @@ def test_the_edge_drafts_on_while_a_slow_cloud_reads(tiny_llama: LoadedModel, ti
     prefix = _same_prompt_as_edge(tiny_llama)
     alone = asyncio.run(_generate(tiny_llama, None, "none", max_tokens=13))
     slow = asyncio.run(
-        _generate(tiny_llama, tiny_url, "router", max_tokens=13, lookahead=4, simulate_rtt_ms=300, cloud_prefix=prefix)
+        _generate(
+            tiny_llama,
+            tiny_url,
+            "router",
+            max_tokens=13,
+            lookahead=4,
+            simulate_rtt_ms=300,
+            cloud_prefix=prefix,
+            cloud_separator="",
+            protocol="echo",  # no request to find the protocol: every call below is a round
+        )
     )
     assert [t.token_id for t in slow.tokens] == [t.token_id for t in alone.tokens]
     assert slow.cloud_calls == 4  # 1 + 4 + 4 + 4 tokens: a tiny edge drafts its full lookahead within each trip
@@ -94,12 +108,13 @@ def test_generation_finishes_on_the_edge_when_the_cloud_dies(tiny_llama: LoadedM
 
 
 PROMPT = "The capital of France"
-TARGET = " Paris is the capital of France."
+TARGET = "It is Paris, the capital of France."  # the tiny edge drafts whole characters on the way to it
 
 
 def _insisting_cloud(edge: LoadedModel, prefix: str, target: str) -> FastAPI:
     """A stub cloud that reads text one character per token and is sure the answer is `target`, then the end.
 
+    It reads the answer as a transcript is written, one space after its `prefix` ("...Assistant: Paris").
     Wherever the answer so far still agrees with `target` and an edge token of `target` starts, its only candidate
     is exactly that edge token (probability 1); past the end of `target` it is the end-of-turn token. Anywhere else
     it offers nothing, so the edge's own token stands there.
@@ -121,11 +136,11 @@ def _insisting_cloud(edge: LoadedModel, prefix: str, target: str) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: dict) -> dict:
         text = body["prompt"]
-        assert text.startswith(prefix) and body["echo"] and body["max_tokens"] == 0
-        answer = text[len(prefix) :]
+        assert text.startswith(prefix + " ") and body["echo"] and body["max_tokens"] == 0
+        answer = text[len(prefix) + 1 :]
         tops: list[dict | None] = []
         for offset in range(len(text)):
-            j = offset - len(prefix)
+            j = offset - len(prefix) - 1
             agrees = j >= 0 and answer[:j] == target[:j] and j in starts
             tops.append({starts[j]: 0.0} if agrees else None)
         logprobs = {
@@ -162,6 +177,88 @@ def test_a_cloud_that_disagrees_overturns_the_edge_drafts(tiny_llama: LoadedMode
     assert result.fallbacks == 0 and not result.warnings
     assert result.cloud_calls == served["requests"] - 1  # one more request: the model name, once
     assert result.cloud_calls >= expected.count("cloud") + 1  # every overturn ends a round; the end needs one more
+
+
+def _ahead_cloud(edge: LoadedModel, prefix: str, target: str, with_logprobs: bool = True) -> FastAPI:
+    """A stub shaped like llama.cpp's server: it ignores `echo`, generates `max_tokens` tokens (at least one), and
+    gives logprobs only on them, in the chat shape (`logprobs.content[]`) even on completions.
+
+    It continues the prompt along `target` in the edge's own tokens while the answer so far agrees with it (after
+    "...Assistant:" it writes the separating space itself), then the end-of-turn token; elsewhere it writes "~".
+    """
+    ids = edge.tokenizer(target, add_special_tokens=False)["input_ids"]
+    table = token_bytes_table(edge.tokenizer)
+    starts, at = {}, 0
+    for token_id in ids:
+        starts[at] = table[token_id].decode()
+        at += len(starts[at])
+    starts[len(target)] = "<|im_end|>"
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": "ahead", "object": "model"}]}
+
+    @app.post("/v1/completions")
+    async def completions(body: dict) -> dict:
+        text = body["prompt"]
+        answer = "" if text == prefix else text.removeprefix(prefix + " ")  # another prompt: it writes "~"
+        content, at = [], len(answer)
+        for _ in range(max(body.get("max_tokens") or 0, 1)):
+            piece = starts.get(at) if target.startswith(answer) else None
+            piece = piece or "~"
+            spelled = (" " if not answer and at == 0 else "") + piece
+            entry = {"token": spelled, "logprob": 0.0, "bytes": [] if piece == "<|im_end|>" else list(spelled.encode())}
+            content.append({**entry, "top_logprobs": [entry]})
+            if piece == "<|im_end|>":
+                break
+            answer, at = answer + piece, at + len(piece)
+        choice = {"index": 0, "text": "", "finish_reason": "length"}
+        if with_logprobs:
+            choice["logprobs"] = {"content": content}
+        return {"id": "cmpl-stub", "object": "text_completion", "model": "ahead", "choices": [choice]}
+
+    return app
+
+
+@pytest.mark.parametrize("rule", ["router", "proxy"])
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_a_cloud_without_prompt_logprobs_is_read_ahead(tiny_llama: LoadedModel, rule: str, lookahead: int) -> None:
+    """Against a llama-server-shaped cloud the first reply shows it cannot echo; the same question is asked again
+    by generate-ahead, and the cloud's own path overturns the edge exactly as an echoing cloud would."""
+    prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
+    ids = tiny_llama.tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    edge = EdgeDecoder(tiny_llama, chat_prompt_ids(tiny_llama.tokenizer, [{"role": "user", "content": PROMPT}]))
+    expected = []
+    for token_id in ids:
+        expected.append("fused" if int(edge.next_beliefs.local.argmax()) == token_id else "cloud")
+        edge.append(token_id)
+    with _serve(_ahead_cloud(tiny_llama, prefix, TARGET)) as (url, served):
+        result = asyncio.run(_generate(tiny_llama, url, rule, max_tokens=len(ids) + 8, lookahead=lookahead))
+    assert result.text == TARGET and [t.token_id for t in result.tokens] == ids
+    assert [t.source for t in result.tokens] == expected
+    assert result.fallbacks == 0 and not result.warnings
+    assert result.cloud_calls == served["requests"] - 1  # the echo on trial included; the model name once
+
+
+def test_a_cloud_without_any_logprobs_leaves_the_edge_alone_and_says_why(tiny_llama: LoadedModel) -> None:
+    prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
+    alone = asyncio.run(_generate(tiny_llama, None, "none", max_tokens=6))
+    with _serve(_ahead_cloud(tiny_llama, prefix, TARGET, with_logprobs=False)) as (url, served):
+        result = asyncio.run(_generate(tiny_llama, url, "router", max_tokens=6))
+    assert [t.token_id for t in result.tokens] == [t.token_id for t in alone.tokens]
+    assert {t.source for t in result.tokens} == {"edge"}
+    assert len(result.warnings) == 1 and "gives no logprobs" in result.warnings[0]
+    assert result.cloud_calls == 1 and served["requests"] == 2  # the model name, one question, then never again
+
+
+def test_scoring_against_a_cloud_that_cannot_echo_fails_at_once(tiny_llama: LoadedModel) -> None:
+    prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
+    pairs = [("The capital of France is", " Paris.")] * 50
+    with _serve(_ahead_cloud(tiny_llama, prefix, TARGET)) as (url, served):
+        with pytest.raises(CloudError, match="cannot score text: it returns no prompt logprobs"):
+            FusedScorer(tiny_llama, make_rule("router"), url).score(pairs)
+    assert served["requests"] <= 3  # the model name and one question, never the 50 texts
 
 
 @pytest.mark.parametrize("rule", RULES)
@@ -235,7 +332,9 @@ def test_proxy_tuning_with_the_base_as_cloud_gives_the_adapted_model(tmp_path, t
         )
     assert [t.token_id for t in alone.tokens] != [t.token_id for t in base_only.tokens], "the adapter must matter"
     # cloud (= base) + (adapted - base) = adapted, exactly: fused proxy tuning reproduces the adapted model
-    proxy = asyncio.run(_generate(adapted, tiny_url, "proxy", max_tokens=12, lookahead=3, cloud_prefix=prefix))
+    proxy = asyncio.run(
+        _generate(adapted, tiny_url, "proxy", max_tokens=12, lookahead=3, cloud_prefix=prefix, cloud_separator="")
+    )
     assert [t.token_id for t in proxy.tokens] == [t.token_id for t in alone.tokens]
     assert proxy.cloud_calls > 0 and proxy.fallbacks == 0
 

@@ -53,7 +53,7 @@ def score_modes(
     scores: dict[str, list[float]] = {"edge": [], "cloud": [], **{f"fused-{r}": [] for r in rules}}
     fusers: dict[str, FusionRule] = {r: make_rule(r) for r in rules}
     for (context, target), reply in zip(pairs, replies, strict=True):
-        scores["cloud"].append(read_scored(reply, len(context)).target_logprob)
+        scores["cloud"].append(read_scored(reply, context, target).target_logprob)
         view = read_cloud_text(reply)
         positions = reader.target_positions(context, target)
         scores["edge"].append(sum(float(before[t]) for t, _, before in positions))

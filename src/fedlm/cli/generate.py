@@ -27,6 +27,8 @@ if TYPE_CHECKING:
     from fedlm.fusion.decoder import FusionResult
 
 SOURCE_STYLE = {"edge": "green", "cloud": "magenta", "fused": "cyan"}
+
+
 NO_CLOUD = "none"
 
 
@@ -44,6 +46,11 @@ def generate_command(
     lookahead: int = typer.Option(4, "--lookahead", min=1, help="Edge tokens drafted per cloud round trip."),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1),
     simulate_rtt_ms: float = typer.Option(0.0, "--simulate-rtt-ms", min=0, help="Add a sleeping network delay."),
+    cloud_protocol: str = typer.Option(
+        "auto",
+        "--cloud-protocol",
+        help="How to read the cloud: auto (find out) | echo (prompt logprobs) | ahead (logprobs on what it generates).",
+    ),
     privacy: Policy | None = Privacy,
     as_json: bool = Json,
 ) -> None:
@@ -59,7 +66,9 @@ def generate_command(
         raise typer.BadParameter(str(err)) from err
     if adapter is not None:
         edge_model = _with_adapter(edge_model, adapter)
-    config = FusionConfig(max_tokens, lookahead, deadline_ms, simulate_rtt_ms=simulate_rtt_ms)
+    if cloud_protocol not in ("auto", "echo", "ahead"):
+        raise typer.BadParameter(f"expected auto, echo or ahead, got {cloud_protocol!r}", param_hint="--cloud-protocol")
+    config = FusionConfig(max_tokens, lookahead, deadline_ms, simulate_rtt_ms=simulate_rtt_ms, protocol=cloud_protocol)
     use_cloud = cloud != NO_CLOUD and rule.uses_cloud
     try:
         if not use_cloud:
@@ -89,6 +98,7 @@ def _report(result: FusionResult, as_json: bool, cloud: str, fusion: str) -> Non
         "bytes_sent": result.bytes_sent,
         "bytes_received": result.bytes_received,
         "fallbacks": result.fallbacks,
+        "cloud_protocol": result.cloud_protocol,
         "ttft_ms": round(result.ttft_ms, 1),
         "tokens_per_s": round(result.tokens_per_s, 2),
     }

@@ -24,7 +24,8 @@ from typing import Any, Self, TypeVar
 import httpx
 
 from fedlm.cloud.errors import CloudError, CloudUnavailable
-from fedlm.cloud.logprobs import Scored, read_scored
+from fedlm.cloud.logprobs import Scored, read_scored, read_tokens
+from fedlm.cloud.readers import CloudProtocol, protocol_of
 from fedlm.egress import AuditOnly, EgressHook
 
 RETRY_STATUS = {408, 409, 429, 500, 502, 503, 504}
@@ -57,6 +58,7 @@ class Capabilities:
     completions: bool = False
     completion_logprobs: int = 0
     echo: bool = False
+    protocol: CloudProtocol = "none"  # how fusion will read it (`fedlm.cloud.readers`)
     notes: list[str] = field(default_factory=list)
 
 
@@ -133,6 +135,7 @@ class ClientCore:
         self.timeout, self.retries, self.backoff_s = timeout, retries, backoff_s
         self.egress: EgressHook = egress or AuditOnly()
         self.traffic = Traffic()
+        self.cloud_protocol: CloudProtocol | None = None  # found on first need, then kept
         self._http = self._connect()
 
     def _connect(self) -> httpx.Client | httpx.AsyncClient:
@@ -202,7 +205,7 @@ class ClientCore:
         reply = yield from self._complete(
             context + target, {"max_tokens": 0, "echo": True, "logprobs": 0, "temperature": 0}
         )
-        return read_scored(reply, len(context))
+        return read_scored(reply, context, target)
 
     def _probe(self) -> Exchange[Capabilities]:
         """Try each feature once with a tiny request and record what came back."""
@@ -239,15 +242,34 @@ class ClientCore:
                 caps.notes.append(f"completions logprobs={k}: {err}")
                 continue
             caps.completions = True
-            top = ((reply["choices"][0].get("logprobs") or {}).get("top_logprobs")) or []
-            caps.completion_logprobs = len(top[-1] or {}) if top else 0
+            tokens = read_tokens(reply)
+            caps.completion_logprobs = len(tokens[-1].top) if tokens else 0
             break
         try:
             scored = yield from self._score("Hello", " there")
             caps.echo = scored.target_logprob <= 0
         except CloudError as err:
             caps.notes.append(f"echo scoring: {err}")
+        caps.protocol = yield from self._protocol()
         return caps
+
+    def _protocol(self) -> Exchange[CloudProtocol]:
+        """How fusion can read this server (`echo`, `ahead` or `none`), found with one tiny request and kept."""
+        if self.cloud_protocol is None:
+            prompt, fields = "Hello there", {"max_tokens": 1, "logprobs": 1, "temperature": 0}
+            try:
+                reply = yield from self._complete(prompt, {**fields, "echo": True})
+            except CloudUnavailable:
+                raise
+            except CloudError:
+                try:  # some servers refuse `echo` outright
+                    reply = yield from self._complete(prompt, fields)
+                except CloudUnavailable:
+                    raise
+                except CloudError:  # nor completions with logprobs: nothing fusion can read
+                    reply = {}
+            self.cloud_protocol = protocol_of(reply)
+        return self.cloud_protocol
 
     def _stream_body(self, messages: list[dict[str, Any]], fields: dict[str, Any]) -> Exchange[bytes]:
         model = yield from self._resolve_model()
@@ -309,6 +331,9 @@ class CloudClient(ClientCore):
 
     def probe(self) -> Capabilities:
         return self._run(self._probe())
+
+    def protocol(self) -> CloudProtocol:
+        return self._run(self._protocol())
 
     def stream_chat(self, messages: list[dict[str, Any]], **fields: Any) -> Iterator[dict[str, Any]]:
         """Chat chunks as they arrive, up to `[DONE]`."""
@@ -385,6 +410,9 @@ class AsyncCloudClient(ClientCore):
 
     async def probe(self) -> Capabilities:
         return await self._run(self._probe())
+
+    async def protocol(self) -> CloudProtocol:
+        return await self._run(self._protocol())
 
     async def stream_chat(self, messages: list[dict[str, Any]], **fields: Any) -> AsyncIterator[dict[str, Any]]:
         """Chat chunks as they arrive, up to `[DONE]`."""

@@ -1,10 +1,14 @@
-"""The one reader of what an OpenAI-style server says about tokens: legacy completion `logprobs`.
+"""The one reader of what an OpenAI-style server says about tokens, in either of the two shapes servers use.
 
-A completion's `logprobs` holds, per token, its string, its log-probability, its character offset and the top-k
-candidates the server weighed there. The legacy format names tokens by string, not bytes: a partial UTF-8 token
-is spelled `bytes:\\xNN...`, and an end-of-text token by its name. Both are turned back into what they mean for
-the text. A token spans from its offset to the next token's; the last one as far as its own characters reach.
-Scoring (`Scored`) and fusion (`CloudText`) both read through `read_tokens`.
+- The legacy completion shape: `logprobs.tokens`, `token_logprobs`, `text_offset` and `top_logprobs` (a dict of
+  candidates per token). Tokens are named by string: a partial UTF-8 token is spelled `bytes:\\xNN...`, and an
+  end-of-text token by its name. Both are turned back into what they mean for the text.
+- The chat shape: `logprobs.content[]`, each `{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}`.
+  Chat APIs use it, and so does llama.cpp's server on completions too. It has no offsets: each token starts where
+  the one before it ended, and `bytes` (when given) say exactly what it adds.
+
+A token spans from its offset to the next token's; the last one as far as its own characters reach. Scoring
+(`Scored`) and fusion (`CloudText`) both read through `read_tokens`.
 """
 
 from __future__ import annotations
@@ -53,9 +57,11 @@ class CloudToken:
 
 
 def read_tokens(response: dict[str, Any], start_offset: int = 0) -> list[CloudToken]:
-    """The tokens of a legacy completion's first choice. With `echo`, offsets count from the start of the
-    prompt; without, from the end of the prompt, so pass `start_offset=len(prompt)`."""
+    """The tokens of a completion's (or chat completion's) first choice, in either shape. With `echo`, offsets
+    count from the start of the prompt; without, from the end of the prompt, so pass `start_offset=len(prompt)`."""
     logprobs = (response.get("choices") or [{}])[0].get("logprobs") or {}
+    if isinstance(logprobs.get("content"), list):
+        return _read_content(logprobs["content"], start_offset)
     names, values = logprobs.get("tokens") or [], logprobs.get("token_logprobs") or []
     offsets, tops = logprobs.get("text_offset") or [], logprobs.get("top_logprobs") or []
     tokens = []
@@ -66,6 +72,25 @@ def read_tokens(response: dict[str, Any], start_offset: int = 0) -> list[CloudTo
         ranked = tuple(candidate(t, v) for t, v in sorted(top.items(), key=lambda item: -item[1]))
         value = values[i] if i < len(values) else None
         tokens.append(CloudToken(name, raw, value, start_offset + offset, start_offset + end, ranked))
+    return tokens
+
+
+def _chat_candidate(entry: dict[str, Any]) -> CloudCandidate:
+    """A chat-shape entry: its `bytes` say what it adds, unless it names an end-of-text token."""
+    token, logprob = str(entry.get("token", "")), float(entry.get("logprob", float("-inf")))
+    if token in END_OF_TEXT or not isinstance(entry.get("bytes"), list):
+        return candidate(token, logprob)
+    return CloudCandidate(bytes(entry["bytes"]), logprob)
+
+
+def _read_content(content: list[dict[str, Any]], start_offset: int) -> list[CloudToken]:
+    tokens, at = [], start_offset
+    for entry in content:
+        own = _chat_candidate(entry)
+        ranked = sorted((_chat_candidate(t) for t in entry.get("top_logprobs") or []), key=lambda c: -c.logprob)
+        end = at + char_len(own.raw)
+        tokens.append(CloudToken(str(entry.get("token", "")), own.raw, own.logprob, at, end, tuple(ranked)))
+        at = end
     return tokens
 
 
@@ -88,14 +113,18 @@ class Scored:
         return sum(t.logprob for t in self.target_tokens)  # type: ignore[misc]
 
 
-def read_scored(response: dict[str, Any], boundary: int) -> Scored:
-    """An `echo` + `logprobs` completion of `context + target`, where `boundary = len(context)`."""
+def read_scored(response: dict[str, Any], context: str, target: str) -> Scored:
+    """An `echo` + `logprobs` completion of `context + target`, split at the end of `context`.
+
+    The reply must read the whole text back, from its start to its end: a server that ignores `echo` and gives
+    logprobs on a token it generated (llama.cpp's server) must not be taken for a score of the target."""
     tokens = read_tokens(response)
-    if not tokens or all(t.logprob is None for t in tokens):
+    reads_back = len(tokens) > 1 and tokens[0].start == 0 and tokens[-1].end == len(context + target)
+    if not reads_back or all(t.logprob is None for t in tokens):
         raise LogprobsMissing(
             "the server returned no prompt logprobs for echo=true; it cannot score text (see `fedlm cloud probe`)"
         )
-    return Scored(tuple(tokens), boundary)
+    return Scored(tuple(tokens), len(context))
 
 
 @dataclass(frozen=True)

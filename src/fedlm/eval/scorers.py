@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from fedlm.cloud.client import AsyncCloudClient
+from fedlm.cloud.client import AsyncCloudClient, CloudError
 from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
 from fedlm.egress import EgressHook
 from fedlm.fusion.edge import Beliefs
@@ -89,7 +89,7 @@ class CloudScorer:
 
     def score(self, pairs: Sequence[Pair], progress: Callable[[int], None] | None = None) -> list[float]:
         replies = self.echo(pairs, top_logprobs=0, progress=progress)
-        return [read_scored(r, len(c)).target_logprob for r, (c, t) in zip(replies, pairs, strict=True)]
+        return [read_scored(r, c, t).target_logprob for r, (c, t) in zip(replies, pairs, strict=True)]
 
     def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
         """The cloud's top-k candidates at each of its token starts in `context + target`, per pair."""
@@ -105,6 +105,13 @@ class CloudScorer:
         gate = asyncio.Semaphore(self.concurrency)
         async with AsyncCloudClient(self.base_url, self.api_key, self.model, egress=self.egress) as client:
             self.name = await client.resolve_model()
+            protocol = await client.protocol()  # one tiny request, so a server that cannot score fails at once
+            if protocol != "echo":
+                raise CloudError(
+                    f"{self.base_url} cannot score text: it returns no prompt logprobs for `echo` (fusion can read it "
+                    f"only by '{protocol}'). Scoring needs a server that echoes prompt logprobs: fedlm cloud serve, "
+                    "vLLM or llama-cpp-python."
+                )
 
             async def one(text: str) -> dict:
                 async with gate:

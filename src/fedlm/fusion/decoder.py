@@ -20,14 +20,15 @@ stand and count as fallbacks; a cloud that errors is dropped for the rest of the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from fedlm.cloud.client import AsyncCloudClient, CloudError
-from fedlm.cloud.logprobs import CloudCandidate, CloudText, read_cloud_text
+from fedlm.cloud.client import AsyncCloudClient, CloudError, CloudUnavailable
+from fedlm.cloud.readers import CloudProtocol, CloudReader, CloudView, protocol_of, reader_for
 from fedlm.egress import EgressRefused
 from fedlm.fusion.edge import Beliefs, EdgeDecoder
 from fedlm.fusion.rules import FusionRule
@@ -50,6 +51,8 @@ class FusionConfig:
     top_logprobs: int = 20
     simulate_rtt_ms: float = 0.0  # sleeps (never spins) before each cloud answer is read: a stand-in network
     cloud_prefix: str = PLAIN_CLOUD_PREFIX  # how the cloud sees the conversation; `{prompt}` is the user's text
+    cloud_separator: str = " "  # between the prefix and the answer, as the cloud reads it ("Assistant: The")
+    protocol: CloudProtocol | Literal["auto"] = "auto"  # how to read the cloud (`fedlm.cloud.readers`); auto: ask it
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,15 @@ class _State:
     answer: bytes = b""
 
 
+@dataclass(frozen=True)
+class _Link:
+    """The cloud as one generation reads it: the client, the reader, and whether that reader is known to fit."""
+
+    client: AsyncCloudClient
+    reader: CloudReader
+    confirmed: bool
+
+
 @dataclass
 class FusionResult:
     tokens: list[FusedToken] = field(default_factory=list)
@@ -80,6 +92,7 @@ class FusionResult:
     bytes_sent: int = 0
     bytes_received: int = 0
     fallbacks: int = 0  # tokens whose cloud answer came late or not at all
+    cloud_protocol: CloudProtocol = "none"  # how the cloud was read (`fedlm.cloud.readers`); none: it never was
     ttft_ms: float = 0.0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
@@ -111,23 +124,25 @@ class FusedDecoder:
         decoder = EdgeDecoder(self.edge, chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}]))
         cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
         state = _State(decoder, len(decoder.ids), start)
-        cloud = self.cloud if self.rule.uses_cloud else None
-        drafts = self._draft(decoder, self._fresh_budget(cloud, 0))
+        link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None
+        drafts = self._draft(decoder, self._fresh_budget(link, 0))
         while drafts:
             sent, speculative, view = "", [], None
-            if cloud is not None and self._wants_cloud(drafts):
+            if link is not None and self._wants_cloud(drafts):
                 sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
-                asked = asyncio.create_task(self._ask_cloud(cloud, cloud_prefix + sent, result, len(drafts)))
+                answer = sent[: char_len(state.answer)]
+                ask = self._ask_cloud(link, cloud_prefix, answer, sent[len(answer) :], result, len(drafts))
+                asked = asyncio.create_task(ask)
                 room = self.config.max_tokens - len(result.tokens) - len(drafts)
                 if room > 0 and drafts[-1][0] not in self.eos_ids:  # draft on while the cloud reads
                     answered = threading.Event()
                     asked.add_done_callback(lambda _, event=answered: event.set())
                     speculative = await asyncio.to_thread(self._draft, decoder, room, answered)
-                view, cloud = await asked  # the deadline runs inside, from when the request left
+                view, link = await asked  # the deadline runs inside, from when the request left
             kept_all, done = self._commit(drafts, view, sent, state, result)
             if done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens:
                 break
-            fresh = self._fresh_budget(cloud, len(result.tokens))
+            fresh = self._fresh_budget(link, len(result.tokens))
             drafts = speculative if kept_all and speculative else self._draft(decoder, fresh)
         result.seconds = time.perf_counter() - start
         self._trim_stop(result)
@@ -136,14 +151,14 @@ class FusedDecoder:
     def _commit(
         self,
         drafts: list[tuple[int, Beliefs]],
-        view: CloudText | None,
+        view: CloudView | None,
         sent: str,
         state: _State,
         result: FusionResult,
     ) -> tuple[bool, bool]:
         """Fuse and keep draft tokens up to the first one fusion overturns. Returns (kept every draft, finished)."""
         for token_id, before in drafts:
-            candidates = _candidates_at(view, sent, char_len(state.answer)) if view else None
+            candidates = view.candidates_at(char_len(state.answer), sent) if view else None
             fused = fuse_at(self.rule, self.aligner, before, candidates)
             choice = int(fused.logprobs.argmax())
             source: Source = ("fused" if choice == token_id else "cloud") if fused.cloud_informed else "edge"
@@ -161,10 +176,10 @@ class FusedDecoder:
                 return True, True
         return True, False
 
-    def _fresh_budget(self, cloud: AsyncCloudClient | None, done: int) -> int:
+    def _fresh_budget(self, link: _Link | None, done: int) -> int:
         """Tokens to draft before a round starts: one when a cloud will read them (more come while it reads)."""
         room = self.config.max_tokens - done
-        return min(1, room) if cloud is not None else room
+        return min(1, room) if link is not None else room
 
     def _draft(
         self, decoder: EdgeDecoder, budget: int, stop: threading.Event | None = None
@@ -187,33 +202,80 @@ class FusedDecoder:
         """One request serves the whole draft, so it goes out if the rule wants the cloud at any of its positions."""
         return any(self.rule.wants_cloud(before.local) for _, before in drafts)
 
+    def _link(self, client: AsyncCloudClient, result: FusionResult) -> _Link | None:
+        """How this generation reads the cloud: the configured protocol, else the one this client already found,
+        else echo on trial (the first reply says whether it fits, at no extra request)."""
+        known = self.config.protocol if self.config.protocol != "auto" else client.cloud_protocol
+        reader = reader_for(known or "echo", self.config.lookahead, self.config.cloud_separator)
+        if reader is None:
+            self._warn(
+                result,
+                f"the cloud at {client.base_url} gives no logprobs (no prompt logprobs for echo, none on the tokens "
+                "it generates), so nothing can be fused; answering on the edge alone",
+            )
+            return None
+        return _Link(client, reader, confirmed=known is not None)
+
+    def _warn(self, result: FusionResult, message: str) -> None:
+        log.warning(message)
+        result.warnings.append(message)
+
     async def _ask_cloud(
-        self, cloud: AsyncCloudClient, text: str, result: FusionResult, n_drafts: int
-    ) -> tuple[CloudText | None, AsyncCloudClient | None]:
-        """One scoring request within the deadline; returns the cloud's reading and the cloud to keep using."""
-        sent, received = cloud.traffic.bytes_sent, cloud.traffic.bytes_received
+        self, link: _Link, prefix: str, answer: str, draft: str, result: FusionResult, n_drafts: int
+    ) -> tuple[CloudView | None, _Link | None]:
+        """One request within the deadline; returns the cloud's reading and how to read the cloud from now on.
+
+        A reader on trial is checked against its first reply: if the server did not read the text back (no
+        prompt logprobs), the reply is never taken for a reading, and the same question is asked again the way
+        the reply shows the server can be read, which is kept from then on."""
+        cloud = link.client
+        before = dataclasses.replace(cloud.traffic)
+        prompt, fields = link.reader.request(prefix, answer, draft, self.config.top_logprobs)
 
         async def call() -> dict:
             if self.config.simulate_rtt_ms:
                 await asyncio.sleep(self.config.simulate_rtt_ms / 1000)
-            return await cloud.complete(text, max_tokens=0, echo=True, logprobs=self.config.top_logprobs, temperature=0)
+            return await cloud.complete(prompt, **fields)
 
         try:
             response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
+            if not link.confirmed:
+                cloud.cloud_protocol = protocol_of(response)
         except TimeoutError:
             result.fallbacks += n_drafts
-            return None, cloud
+            return None, link
         except (CloudError, EgressRefused) as err:
-            message = f"cloud failed ({err}); finishing on the edge alone"
-            log.warning(message)
-            result.warnings.append(message)
+            if not link.confirmed and isinstance(err, CloudError) and not isinstance(err, CloudUnavailable):
+                found = await self._find_protocol(link, result)  # the server refused echo: ask it plainly
+                return await self._ask_cloud(found, prefix, answer, draft, result, n_drafts) if found else (None, None)
+            self._warn(result, f"cloud failed ({err}); finishing on the edge alone")
             result.fallbacks += n_drafts
             return None, None
         finally:
             result.cloud_calls += 1
-            result.bytes_sent += cloud.traffic.bytes_sent - sent
-            result.bytes_received += cloud.traffic.bytes_received - received
-        return read_cloud_text(response), cloud
+            result.bytes_sent += cloud.traffic.bytes_sent - before.bytes_sent
+            result.bytes_received += cloud.traffic.bytes_received - before.bytes_received
+        if not link.confirmed:
+            if cloud.cloud_protocol != link.reader.protocol:
+                found = self._link(cloud, result)
+                return await self._ask_cloud(found, prefix, answer, draft, result, n_drafts) if found else (None, None)
+            link = dataclasses.replace(link, confirmed=True)
+        result.cloud_protocol = link.reader.protocol
+        return link.reader.view(response, answer, draft), link
+
+    async def _find_protocol(self, link: _Link, result: FusionResult) -> _Link | None:
+        """Ask the server which way it can be read (`AsyncCloudClient.protocol`), counting what that costs."""
+        before = dataclasses.replace(link.client.traffic)
+        try:
+            await link.client.protocol()
+        except CloudError as err:
+            self._warn(result, f"cloud failed ({err}); finishing on the edge alone")
+            return None
+        finally:
+            result.cloud_calls += link.client.traffic.requests - before.requests
+            result.bytes_sent += link.client.traffic.bytes_sent - before.bytes_sent
+            result.bytes_received += link.client.traffic.bytes_received - before.bytes_received
+        return self._link(link.client, result)
 
     def _stopped(self, answer: bytes) -> bool:
         text = answer.decode("utf-8", "ignore")
@@ -233,21 +295,6 @@ def _valid_text(raw: bytes) -> str:
         return raw.decode("utf-8")
     except UnicodeDecodeError as err:
         return raw[: err.start].decode("utf-8")
-
-
-def _candidates_at(view: CloudText, sent: str, at: int) -> list[CloudCandidate] | None:
-    """The cloud's candidates at character `at` of the answer text `sent`, if a cloud token starts there.
-
-    Offsets are matched from the end of the text, since the answer is the tail of what the cloud read while its
-    prefix is the cloud's own (a template, and possibly redacted by the privacy gate). The cloud token found must
-    spell the same text as the answer does there, or the two readings are not aligned and nothing is fused.
-    """
-    found = view.at.get(view.end - (len(sent) - at))
-    if found is None or at >= len(sent):
-        return None
-    raw, candidates = found
-    ahead = sent[at:].encode()
-    return candidates if ahead.startswith(raw) or raw.startswith(ahead) else None
 
 
 def fuse_once(

@@ -1,0 +1,151 @@
+"""The ways a cloud can be read for fusion: one small reader each, behind one interface, chosen by the probe.
+
+- `echo` (fedlm's server, vLLM, llama-cpp-python): the prompt, the answer so far and the edge's draft go out with
+  `echo` and top-k logprobs, and the cloud returns its candidates at every position of the text it read.
+- `ahead` (llama.cpp's server, hosted APIs: logprobs only on tokens they generate): the prompt and the answer so far
+  go out, and the cloud continues them for a few tokens with top-k at each. Its candidates count at a position only
+  while the edge's text has followed the cloud's own path up to there; where the two part, the rest of the
+  proposal says nothing about the edge's text and is dropped.
+- `none`: the server gives no logprobs at all, and the edge answers alone.
+
+A reader builds its request and reads the reply (no I/O of its own); the reply becomes a `CloudView` in the
+answer's own character offsets. A plain-transcript cloud reads the answer after its prefix ("...Assistant:") with a
+separator (one space) between, as a transcript is written; the separator belongs to the answer's first cloud
+token, which is moved to the answer's first character without it, so a fused answer never starts with a stray
+space. A chat-template prefix needs no separator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Literal, Protocol
+
+from fedlm.cloud.logprobs import CloudCandidate, CloudToken, read_tokens
+
+CloudProtocol = Literal["echo", "ahead", "none"]
+PROTOCOLS: tuple[CloudProtocol, ...] = ("echo", "ahead", "none")
+
+
+class CloudView(Protocol):
+    def candidates_at(self, at: int, text: str) -> list[CloudCandidate] | None:
+        """The cloud's candidates for what follows character `at` of the answer, whose text the edge has as `text`
+        (the answer and draft that were sent); None where the cloud said nothing that applies there."""
+        ...
+
+
+class CloudReader(Protocol):
+    protocol: CloudProtocol
+
+    def request(self, prefix: str, answer: str, draft: str, top_k: int) -> tuple[str, dict[str, Any]]:
+        """The completion prompt and fields that ask the cloud about `draft` after `prefix` and `answer`."""
+        ...
+
+    def view(self, reply: dict[str, Any], answer: str, draft: str) -> CloudView:
+        """What the reply says, in the answer's character offsets."""
+        ...
+
+
+def _into_answer(tokens: list[CloudToken], shift: int, separator: str) -> dict[int, CloudToken]:
+    """Tokens by where they start in the answer (cloud offset - `shift`). The token that starts at the separator
+    before the answer takes the answer's first place, without the separator, and so do its candidates."""
+    by_start, cut = {}, separator.encode()
+    for token in tokens:
+        start = token.start - shift
+        if cut and start == -len(separator) and token.raw.startswith(cut):
+            top = tuple(replace(c, raw=c.raw[len(cut) :]) if c.raw.startswith(cut) else c for c in token.top)
+            token = replace(token, raw=token.raw[len(cut) :], start=0, end=token.end - shift, top=top)
+        else:
+            token = replace(token, start=start, end=token.end - shift)
+        if token.start >= 0:
+            by_start[token.start] = token
+    return by_start
+
+
+@dataclass(frozen=True)
+class EchoView:
+    """The cloud's reading of the whole text it was sent."""
+
+    tokens: dict[int, CloudToken]
+
+    def candidates_at(self, at: int, text: str) -> list[CloudCandidate] | None:
+        token = self.tokens.get(at)
+        if token is None or not token.top or at >= len(text):
+            return None
+        ahead = text[at:].encode()
+        # the cloud's token must spell the text the edge has there, or the two readings are not aligned
+        return list(token.top) if ahead.startswith(token.raw) or token.raw.startswith(ahead) else None
+
+
+@dataclass(frozen=True)
+class EchoReader:
+    """Scores the answer and the draft with prompt logprobs (`echo`): every position in one request."""
+
+    separator: str = ""
+    protocol: CloudProtocol = "echo"
+
+    def request(self, prefix: str, answer: str, draft: str, top_k: int) -> tuple[str, dict[str, Any]]:
+        fields = {"max_tokens": 0, "echo": True, "logprobs": top_k, "temperature": 0}
+        return prefix + self.separator + answer + draft, fields
+
+    def view(self, reply: dict[str, Any], answer: str, draft: str) -> EchoView:
+        tokens = read_tokens(reply)
+        if not tokens:
+            return EchoView({})
+        # offsets are matched from the end of what was sent: the answer is the tail of what the cloud read, while its
+        # prefix is the cloud's own (a template, and possibly rewritten by the privacy gate)
+        return EchoView(_into_answer(tokens, tokens[-1].end - len(answer + draft), self.separator))
+
+
+@dataclass(frozen=True)
+class AheadView:
+    """The cloud's own continuation of the answer, from character `start`: a path with candidates along it."""
+
+    tokens: dict[int, CloudToken]
+    start: int
+
+    def candidates_at(self, at: int, text: str) -> list[CloudCandidate] | None:
+        token = self.tokens.get(at)
+        if token is None or not token.top:
+            return None
+        path = b"".join(t.raw for s, t in sorted(self.tokens.items()) if s < at)
+        # the candidates apply only while the edge's text has followed the cloud's path up to here
+        return list(token.top) if text[self.start : at].encode() == path else None
+
+
+@dataclass(frozen=True)
+class AheadReader:
+    """Lets the cloud continue the answer for `tokens` tokens, with top-k at each (generate-ahead)."""
+
+    tokens: int = 4
+    separator: str = ""
+    protocol: CloudProtocol = "ahead"
+
+    def request(self, prefix: str, answer: str, draft: str, top_k: int) -> tuple[str, dict[str, Any]]:
+        # with no answer yet the prompt ends at the prefix, since a prompt ending in a space reads badly to most
+        # tokenizers: the cloud writes the separator itself
+        fields = {"max_tokens": self.tokens, "logprobs": top_k, "temperature": 0}
+        return prefix + self.separator + answer if answer else prefix, fields
+
+    def view(self, reply: dict[str, Any], answer: str, draft: str) -> AheadView:
+        # generated tokens count from the end of the prompt; with no answer yet, that is where the separator goes
+        shift = -len(answer) if answer else len(self.separator)
+        return AheadView(_into_answer(read_tokens(reply), shift, self.separator), len(answer))
+
+
+def protocol_of(reply: dict[str, Any]) -> CloudProtocol:
+    """Which way a server can be read, from its reply to a prompt of several tokens sent with `echo`, `logprobs`
+    and at most one new token: `echo` if it read the prompt back (more tokens than it may generate), `ahead` if it
+    gave logprobs only on what it generated (llama.cpp's server ignores `echo`), `none` if it gave no logprobs."""
+    tokens = read_tokens(reply)
+    if not any(t.top or t.logprob is not None for t in tokens):
+        return "none"
+    return "echo" if len(tokens) > 1 else "ahead"
+
+
+def reader_for(protocol: CloudProtocol, ahead_tokens: int = 4, separator: str = "") -> CloudReader | None:
+    """The reader for a protocol; None for `none`."""
+    if protocol == "echo":
+        return EchoReader(separator)
+    if protocol == "ahead":
+        return AheadReader(ahead_tokens, separator)
+    return None
