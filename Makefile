@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fedlm-installed
 
-.PHONY: install demo test lint format bench-cloud federated-deployment
+.PHONY: install peers demo test lint format bench-cloud federated-deployment
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,12 +21,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# Third-party servers the tests run against, built once per machine into ~/.cache/fedlm/peers (see NOTES.md).
+peers: install
+	PIP=$(BIN)/pip bash scripts/build_peers.sh
+
 demo: install
 	$(BIN)/fedlm demo
 
-test: install
+test: install peers
 	$(BIN)/ruff check src tests
-	$(BIN)/pytest -q
+	FEDLM_REQUIRE_PEERS=1 $(BIN)/pytest -q
 
 lint: install
 	$(BIN)/ruff check src tests

