@@ -74,6 +74,7 @@ class _State:
     prompt_len: int
     start: float
     answer: bytes = b""
+    chars: int = 0  # characters the answer's bytes start (`char_len`), kept as it grows rather than recounted
 
 
 @dataclass(frozen=True)
@@ -130,7 +131,7 @@ class FusedDecoder:
             sent, speculative, view = "", [], None
             if link is not None and self._wants_cloud(drafts):
                 sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
-                answer = sent[: char_len(state.answer)]
+                answer = sent[: state.chars]
                 ask = self._ask_cloud(link, cloud_prefix, answer, sent[len(answer) :], result, len(drafts))
                 asked = asyncio.create_task(ask)
                 room = self.config.max_tokens - len(result.tokens) - len(drafts)
@@ -158,7 +159,7 @@ class FusedDecoder:
     ) -> tuple[bool, bool]:
         """Fuse and keep draft tokens up to the first one fusion overturns. Returns (kept every draft, finished)."""
         for token_id, before in drafts:
-            candidates = view.candidates_at(char_len(state.answer), sent) if view else None
+            candidates = view.candidates_at(state.chars, sent) if view else None
             fused = fuse_at(self.rule, self.aligner, before, candidates)
             choice = int(fused.logprobs.argmax())
             source: Source = ("fused" if choice == token_id else "cloud") if fused.cloud_informed else "edge"
@@ -167,6 +168,7 @@ class FusedDecoder:
             if choice in self.eos_ids:
                 return False, True
             state.answer += self.token_bytes[choice]
+            state.chars += char_len(self.token_bytes[choice])
             result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
             if choice != token_id:  # overturned: forget this draft's rest and anything drafted after it
                 state.decoder.rollback(state.prompt_len + len(result.tokens) - 1, before)
