@@ -122,6 +122,7 @@ def speed(
                     "cloud_calls": result.cloud_calls,
                     "fallbacks": result.fallbacks,
                     "cloud_informed_share": round(sum(s != "edge" for s in sources) / max(len(sources), 1), 3),
+                    "cloud_protocol": result.cloud_protocol,
                     "seconds": round(time.perf_counter() - start, 2),
                 }
             )
@@ -141,7 +142,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     datasets = list(result["quality"])
-    fig, axes = plt.subplots(1, len(datasets) + 1, figsize=(4.2 * (len(datasets) + 1), 4))
+    fig, grid = plt.subplots(1, len(datasets) + 1, figsize=(4.2 * (len(datasets) + 1), 4), squeeze=False)
+    axes = grid[0]
     for ax, name in zip(axes, datasets, strict=False):
         modes = result["quality"][name]
         ax.bar(range(len(modes)), list(modes.values()), color=["#4c9a2a", "#9b4dca"] + ["#2a7ab0"] * (len(modes) - 2))

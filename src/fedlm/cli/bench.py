@@ -157,6 +157,7 @@ def fusion(
     from fedlm.bench.fusion import SPEED_PROMPT, plot, quality, speed
     from fedlm.bench.placement import busy_cloud, separate_cores
     from fedlm.cli.options import EMBEDDED, cloud_url
+    from fedlm.cloud.client import CloudClient
     from fedlm.data.gsm8k import load_gsm8k
     from fedlm.data.jsonl import BpbRow, DataError, McqRow, read_rows
     from fedlm.eval.scorers import CloudScorer
@@ -177,12 +178,16 @@ def fusion(
     console = Console()
     edge_model = load(edge)
     with cloud_url(cloud, cloud_model, quiet=False) as (url, model):
-        console.print("[bold]bench fusion[/]: quality (edge, cloud and fused readings of every text)")
-        result: dict = {
-            "edge": edge,
-            "cloud": model or url,
-            "quality": quality(edge_model, CloudScorer(url, model=model), mcq_rows, bpb_sets),
-        }
+        with CloudClient(url, model=model) as client:
+            protocol = client.protocol()
+        result: dict = {"edge": edge, "cloud": model or url, "cloud_protocol": protocol, "quality": {}}
+        if protocol == "echo":
+            console.print("[bold]bench fusion[/]: quality (edge, cloud and fused readings of every text)")
+            result["quality"] = quality(edge_model, CloudScorer(url, model=model), mcq_rows, bpb_sets)
+        else:
+            console.print(
+                f"[bold]bench fusion[/]: quality skipped: scoring needs echo, and {url} is read by {protocol}"
+            )
         if not separate:
             console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only)")
             where = {"placement": "shared" if cloud == EMBEDDED else "external"}
@@ -202,7 +207,7 @@ def fusion(
         console.print(
             f"rtt {run['rtt_ms']:>5.0f} ms, lookahead {run['lookahead']}: {run['ratio_to_edge']:.2f}x edge-only "
             f"({run['tokens_per_s']} tok/s, cloud-informed {run['cloud_informed_share']:.0%}, "
-            f"fallbacks {run['fallbacks']})"
+            f"fallbacks {run['fallbacks']}, read by {run['cloud_protocol']})"
         )
     if "co_location_ceiling" in result["speed"]:
         console.print(
