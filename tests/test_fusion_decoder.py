@@ -111,6 +111,29 @@ PROMPT = "The capital of France"
 TARGET = "It is Paris, the capital of France."  # the tiny edge drafts whole characters on the way to it
 
 
+def _stub_app(model: str) -> FastAPI:
+    """A stub server that lists one model; each stub adds its own completions route."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def models() -> dict:
+        return {"object": "list", "data": [{"id": model, "object": "model"}]}
+
+    return app
+
+
+def _pieces(edge: LoadedModel, target: str) -> dict[int, str]:
+    """`target` in the edge's own tokens, by where each starts, and the end-of-turn token after it."""
+    table = token_bytes_table(edge.tokenizer)
+    starts, at = {}, 0
+    for token_id in edge.tokenizer(target, add_special_tokens=False)["input_ids"]:
+        starts[at] = table[token_id].decode()
+        at += len(starts[at])
+    assert at == len(target) and target.isascii()
+    starts[len(target)] = "<|im_end|>"
+    return starts
+
+
 def _insisting_cloud(edge: LoadedModel, prefix: str, target: str) -> FastAPI:
     """A stub cloud that reads text one character per token and is sure the answer is `target`, then the end.
 
@@ -119,19 +142,7 @@ def _insisting_cloud(edge: LoadedModel, prefix: str, target: str) -> FastAPI:
     is exactly that edge token (probability 1); past the end of `target` it is the end-of-turn token. Anywhere else
     it offers nothing, so the edge's own token stands there.
     """
-    ids = edge.tokenizer(target, add_special_tokens=False)["input_ids"]
-    table = token_bytes_table(edge.tokenizer)
-    starts, at = {}, 0
-    for token_id in ids:
-        starts[at] = table[token_id].decode()
-        at += len(table[token_id].decode())
-    assert at == len(target) and target.isascii()
-    starts[len(target)] = "<|im_end|>"
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": "insisting", "object": "model"}]}
+    starts, app = _pieces(edge, target), _stub_app("insisting")
 
     @app.post("/v1/completions")
     async def completions(body: dict) -> dict:
@@ -186,18 +197,7 @@ def _ahead_cloud(edge: LoadedModel, prefix: str, target: str, with_logprobs: boo
     It continues the prompt along `target` in the edge's own tokens while the answer so far agrees with it (after
     "...Assistant:" it writes the separating space itself), then the end-of-turn token; elsewhere it writes "~".
     """
-    ids = edge.tokenizer(target, add_special_tokens=False)["input_ids"]
-    table = token_bytes_table(edge.tokenizer)
-    starts, at = {}, 0
-    for token_id in ids:
-        starts[at] = table[token_id].decode()
-        at += len(starts[at])
-    starts[len(target)] = "<|im_end|>"
-    app = FastAPI()
-
-    @app.get("/v1/models")
-    async def models() -> dict:
-        return {"object": "list", "data": [{"id": "ahead", "object": "model"}]}
+    starts, app = _pieces(edge, target), _stub_app("ahead")
 
     @app.post("/v1/completions")
     async def completions(body: dict) -> dict:
