@@ -54,7 +54,7 @@ def score_modes(
     fusers: dict[str, FusionRule] = {r: make_rule(r) for r in rules}
     for (context, target), reply in zip(pairs, replies, strict=True):
         scores["cloud"].append(read_scored(reply, context, target).target_logprob)
-        view = read_cloud_text(reply)
+        view = read_cloud_text(reply, context + target)
         positions = reader.target_positions(context, target)
         scores["edge"].append(sum(float(before[t]) for t, _, before in positions))
         # one projection per position, which every rule then fuses: the rules differ only in how they combine

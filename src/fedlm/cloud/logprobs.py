@@ -14,7 +14,7 @@ A token spans from its offset to the next token's; the last one as far as its ow
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedlm.cloud.errors import CloudError
@@ -113,18 +113,28 @@ class Scored:
         return sum(t.logprob for t in self.target_tokens)  # type: ignore[misc]
 
 
-def read_scored(response: dict[str, Any], context: str, target: str) -> Scored:
-    """An `echo` + `logprobs` completion of `context + target`, split at the end of `context`.
+def read_echo(response: dict[str, Any], text: str) -> list[CloudToken]:
+    """The tokens of an `echo` reply (with no new token) that reads `text` back, with offsets into `text`.
 
-    The reply must read the whole text back, from its start to its end: a server that ignores `echo` and gives
-    logprobs on a token it generated (llama.cpp's server) must not be taken for a score of the target."""
+    Offsets are anchored at the end of the text, since servers disagree about its start: vLLM counts the `<bos>`
+    it added in `text_offset` though the text it returns has none. The reply must read the text back: a server that
+    ignores `echo` and gives logprobs on a token it generated (llama.cpp's server) must never be taken for a
+    reading of the text."""
     tokens = read_tokens(response)
-    reads_back = len(tokens) > 1 and tokens[0].start == 0 and tokens[-1].end == len(context + target)
-    if not reads_back or all(t.logprob is None for t in tokens):
+    shift = tokens[-1].end - len(text) if tokens else 0
+    moved = [replace(t, start=t.start - shift, end=t.end - shift) for t in tokens]
+    read_back = b"".join(t.raw for t in moved if t.start >= 0)
+    tail = text.encode()[-16:]
+    if len(tokens) < 2 or not read_back.endswith(tail) or all(t.logprob is None for t in tokens):
         raise LogprobsMissing(
             "the server returned no prompt logprobs for echo=true; it cannot score text (see `fedlm cloud probe`)"
         )
-    return Scored(tuple(tokens), len(context))
+    return moved
+
+
+def read_scored(response: dict[str, Any], context: str, target: str) -> Scored:
+    """An `echo` + `logprobs` completion of `context + target`, split at the end of `context`."""
+    return Scored(tuple(read_echo(response, context + target)), len(context))
 
 
 @dataclass(frozen=True)
@@ -140,8 +150,7 @@ class CloudText:
         return found[1] if found else None
 
 
-def read_cloud_text(response: dict[str, Any], start_offset: int = 0) -> CloudText:
-    """The candidates of a completion with `logprobs=k`, by where each token starts (see `read_tokens`)."""
-    tokens = read_tokens(response, start_offset)
-    at = {t.start: (t.raw, list(t.top)) for t in tokens if t.top}
-    return CloudText(at, tokens[-1].end if tokens else start_offset)
+def read_cloud_text(response: dict[str, Any], text: str) -> CloudText:
+    """The candidates of an `echo` reply with `logprobs=k` that reads `text` back, by where each token starts."""
+    tokens = read_echo(response, text)
+    return CloudText({t.start: (t.raw, list(t.top)) for t in tokens if t.top}, len(text))

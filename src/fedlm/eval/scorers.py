@@ -93,7 +93,8 @@ class CloudScorer:
 
     def views(self, pairs: Sequence[Pair], top_logprobs: int) -> list[CloudText]:
         """The cloud's top-k candidates at each of its token starts in `context + target`, per pair."""
-        return [read_cloud_text(reply) for reply in self.echo(pairs, top_logprobs)]
+        texts = [c + t for c, t in pairs]
+        return [read_cloud_text(reply, text) for reply, text in zip(self.echo(pairs, top_logprobs), texts, strict=True)]
 
     def echo(
         self, pairs: Sequence[Pair], top_logprobs: int, progress: Callable[[int], None] | None = None
