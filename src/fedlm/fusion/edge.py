@@ -47,12 +47,13 @@ class EdgeDecoder:
     @torch.no_grad()
     def _feed(self, ids: list[int]) -> Beliefs:
         tokens = torch.tensor([ids])
-        out = self.model(input_ids=tokens, past_key_values=self.caches[0], use_cache=True)
+        # only the last position's logits are read: the LM head runs there alone (a prompt is read in one pass)
+        out = self.model(input_ids=tokens, past_key_values=self.caches[0], use_cache=True, logits_to_keep=1)
         self.caches[0] = out.past_key_values
         last = out.logits[0, -1].float().log_softmax(-1)
         if self.has_adapter:
             with self.model.disable_adapter():
-                base = self.model(input_ids=tokens, past_key_values=self.caches[1], use_cache=True)
+                base = self.model(input_ids=tokens, past_key_values=self.caches[1], use_cache=True, logits_to_keep=1)
             self.caches[1] = base.past_key_values
             self._next = Beliefs(base.logits[0, -1].float().log_softmax(-1), last)
         else:
