@@ -357,3 +357,22 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_a_rule_that_never_reads_the_base_spares_the_adapter_off_pass(tmp_path, tiny_url: str) -> None:
+    from fedlm.models.tiny import tiny_loaded
+
+    adapted = _with_random_adapter(tiny_loaded("llama"), tmp_path / "adapter")
+    passes = {"off": 0}
+    disable = adapted.model.disable_adapter
+
+    def counted():  # every adapter-off pass goes through here
+        passes["off"] += 1
+        return disable()
+
+    adapted.model.disable_adapter = counted
+    alone = asyncio.run(_generate(adapted, None, "none", max_tokens=8))  # edge-only needs no base either
+    linear = asyncio.run(_generate(adapted, tiny_url, "linear", max_tokens=8, lookahead=2))
+    assert passes["off"] == 0 and len(alone.tokens) == len(linear.tokens) == 8
+    router = asyncio.run(_generate(adapted, tiny_url, "router", max_tokens=8, lookahead=2))
+    assert passes["off"] >= 8 and len(router.tokens) == 8  # the router weighs the base: one pass per token at least

@@ -122,7 +122,8 @@ class FusedDecoder:
     async def generate(self, prompt: str) -> FusionResult:
         result = FusionResult()
         start = time.perf_counter()
-        decoder = EdgeDecoder(self.edge, chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}]))
+        prompt_ids = chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}])
+        decoder = EdgeDecoder(self.edge, prompt_ids, base=self.rule.needs_base)
         cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
         state = _State(decoder, len(decoder.ids), start)
         link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None

@@ -5,7 +5,8 @@ re-reading the prompt; a cache with sliding-window layers (which have already fo
 need) is rebuilt from the kept tokens instead.
 
 With a PEFT adapter on the edge model, every step yields two beliefs, the base model's and the adapted model's
-(the same weights with the adapter switched off, on a cache of its own), so rules can weigh or subtract them.
+(the same weights with the adapter switched off, on a cache of its own), so rules can weigh or subtract them. A rule
+that never reads the base belief (`needs_base`) spares that second pass: the edge then runs once per token.
 """
 
 from __future__ import annotations
@@ -22,19 +23,23 @@ from fedlm.models import LoadedModel
 class Beliefs:
     """The edge's next-token log-probabilities: the base model's and, with an adapter, the adapted model's."""
 
-    base: torch.Tensor
+    base: torch.Tensor | None  # None: the adapter-off pass was spared (no rule reads it)
     adapted: torch.Tensor | None = None
 
     @property
     def local(self) -> torch.Tensor:
         """What the device itself believes: the adapted model when there is one."""
-        return self.adapted if self.adapted is not None else self.base
+        local = self.adapted if self.adapted is not None else self.base
+        assert local is not None, "beliefs hold the base model's, the adapted model's, or both"
+        return local
 
 
 class EdgeDecoder:
-    def __init__(self, loaded: LoadedModel, prompt_ids: list[int]) -> None:
+    def __init__(self, loaded: LoadedModel, prompt_ids: list[int], base: bool = True) -> None:
+        """`base=False` skips the adapter-off pass of an adapted model: its beliefs are then the adapted one's."""
         self.model = loaded.model
         self.has_adapter = hasattr(self.model, "disable_adapter")  # a PEFT model
+        self.reads_base = self.has_adapter and base
         self.ids: list[int] = []
         self.caches: list[DynamicCache | None] = [None, None]  # [model as loaded, base with the adapter off]
         self._next = self._feed(prompt_ids)
@@ -51,11 +56,13 @@ class EdgeDecoder:
         out = self.model(input_ids=tokens, past_key_values=self.caches[0], use_cache=True, logits_to_keep=1)
         self.caches[0] = out.past_key_values
         last = out.logits[0, -1].float().log_softmax(-1)
-        if self.has_adapter:
+        if self.reads_base:
             with self.model.disable_adapter():
                 base = self.model(input_ids=tokens, past_key_values=self.caches[1], use_cache=True, logits_to_keep=1)
             self.caches[1] = base.past_key_values
             self._next = Beliefs(base.logits[0, -1].float().log_softmax(-1), last)
+        elif self.has_adapter:
+            self._next = Beliefs(None, last)
         else:
             self._next = Beliefs(last)
         self.ids += ids

@@ -22,7 +22,7 @@ from fedlm.fusion.vocab import Projection
 class Experts:
     """Next-token beliefs at one position, each as log-probabilities over the edge vocabulary."""
 
-    edge: torch.Tensor
+    edge: torch.Tensor | None  # the base edge model; None when an adapted edge spared that pass (`needs_base`)
     cloud: Projection | None = None  # None: the cloud was not asked, was late, or had no shared boundary here
     adapted: torch.Tensor | None = None  # the edge model with a LoRA adapter, when one is loaded
 
@@ -35,6 +35,7 @@ class Experts:
 class FusionRule(Protocol):
     name: str
     uses_cloud: bool  # False: the cloud is never asked (the decoder runs without one)
+    needs_base: bool  # True: it reads the base edge beside an adapted one (else the edge spares that pass)
 
     def wants_cloud(self, local: torch.Tensor) -> bool:
         """Whether the cloud is worth asking at a position where the device believes `local` (log-probabilities)."""
@@ -47,6 +48,7 @@ class CloudRule:
     """What most rules need: the cloud, at every position. A rule that needs less overrides these."""
 
     uses_cloud = True
+    needs_base = False
 
     def wants_cloud(self, local: torch.Tensor) -> bool:
         return True
@@ -65,6 +67,7 @@ class EdgeOnly:
 
     name = "none"
     uses_cloud = False
+    needs_base = False
 
     def wants_cloud(self, local: torch.Tensor) -> bool:
         return False
@@ -95,8 +98,10 @@ class Router(CloudRule):
     """
 
     name = "router"
+    needs_base = True
 
     def weights(self, experts: Experts) -> dict[str, float]:
+        assert experts.edge is not None, "the router reads the base edge (needs_base)"
         scores = {"edge": entropy(experts.edge)}
         if experts.adapted is not None:
             scores["adapted"] = entropy(experts.adapted)
@@ -127,10 +132,12 @@ class ProxyTuning(CloudRule):
     """
 
     name = "proxy"
+    needs_base = True
 
     def fuse(self, experts: Experts) -> torch.Tensor:
         if experts.cloud is None:
             return experts.local
+        assert experts.edge is not None, "proxy tuning reads the base edge (needs_base)"
         shift = experts.adapted - experts.edge if experts.adapted is not None else 0.0
         return _normalise(experts.cloud.logprobs + shift)
 
