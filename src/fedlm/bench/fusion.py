@@ -8,6 +8,7 @@ simulated round-trip times and lookaheads, in one run.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
@@ -123,6 +124,11 @@ def speed(
                     "fallbacks": result.fallbacks,
                     "cloud_informed_share": round(sum(s != "edge" for s in sources) / max(len(sources), 1), 3),
                     "cloud_protocol": result.cloud_protocol,
+                    # the cloud's answer time per request, and in edge tokens (how many the edge makes meanwhile)
+                    "cloud_ms_p50": round(statistics.median(result.cloud_ms), 1) if result.cloud_ms else None,
+                    "cloud_ms_in_edge_tokens": round(statistics.median(result.cloud_ms) * base.tokens_per_s / 1000, 2)
+                    if result.cloud_ms
+                    else None,
                     "seconds": round(time.perf_counter() - start, 2),
                 }
             )

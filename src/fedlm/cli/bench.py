@@ -207,7 +207,8 @@ def fusion(
         console.print(
             f"rtt {run['rtt_ms']:>5.0f} ms, lookahead {run['lookahead']}: {run['ratio_to_edge']:.2f}x edge-only "
             f"({run['tokens_per_s']} tok/s, cloud-informed {run['cloud_informed_share']:.0%}, "
-            f"fallbacks {run['fallbacks']}, read by {run['cloud_protocol']})"
+            f"fallbacks {run['fallbacks']}, read by {run['cloud_protocol']}, cloud answers in "
+            f"{run['cloud_ms_p50']} ms = {run['cloud_ms_in_edge_tokens']} edge tokens)"
         )
     if "co_location_ceiling" in result["speed"]:
         console.print(

@@ -97,6 +97,7 @@ class FusionResult:
     ttft_ms: float = 0.0
     seconds: float = 0.0
     warnings: list[str] = field(default_factory=list)
+    cloud_ms: list[float] = field(default_factory=list)  # each answered request: from leaving to its reply being read
 
     @property
     def text(self) -> str:
@@ -240,8 +241,10 @@ class FusedDecoder:
                 await asyncio.sleep(self.config.simulate_rtt_ms / 1000)
             return await cloud.complete(prompt, **fields)
 
+        sent_at = time.perf_counter()
         try:
             response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
+            result.cloud_ms.append((time.perf_counter() - sent_at) * 1000)
             if not link.confirmed:
                 cloud.cloud_protocol = protocol_of(response)
         except TimeoutError:
