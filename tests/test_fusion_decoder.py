@@ -11,9 +11,10 @@ from fastapi import FastAPI
 
 from fedlm.cloud.client import AsyncCloudClient, CloudError
 from fedlm.cloud.engine import Engine
+from fedlm.cloud.logprobs import CloudCandidate
 from fedlm.cloud.server import create_app
 from fedlm.eval.scorers import FusedScorer, LocalScorer
-from fedlm.fusion.decoder import PLAIN_CLOUD_PREFIX, FusedDecoder, FusionConfig
+from fedlm.fusion.decoder import PLAIN_CLOUD_PREFIX, FusedDecoder, FusionConfig, FusionResult
 from fedlm.fusion.edge import EdgeDecoder
 from fedlm.fusion.rules import make_rule
 from fedlm.models import LoadedModel
@@ -190,9 +191,10 @@ def test_a_cloud_that_disagrees_overturns_the_edge_drafts(tiny_llama: LoadedMode
     assert result.cloud_calls >= expected.count("cloud") + 1  # every overturn ends a round; the end needs one more
 
 
-def _ahead_cloud(edge: LoadedModel, prefix: str, target: str, with_logprobs: bool = True) -> FastAPI:
+def _ahead_cloud(edge: LoadedModel, prefix: str, target: str, with_logprobs: bool = True, most: int = 64) -> FastAPI:
     """A stub shaped like llama.cpp's server: it ignores `echo`, generates `max_tokens` tokens (at least one), and
-    gives logprobs only on them, in the chat shape (`logprobs.content[]`) even on completions.
+    gives logprobs only on them, in the chat shape (`logprobs.content[]`) even on completions. It stops after
+    `most` tokens, as a server with a cap on new tokens would.
 
     It continues the prompt along `target` in the edge's own tokens while the answer so far agrees with it (after
     "...Assistant:" it writes the separating space itself), then the end-of-turn token; elsewhere it writes "~".
@@ -204,7 +206,7 @@ def _ahead_cloud(edge: LoadedModel, prefix: str, target: str, with_logprobs: boo
         text = body["prompt"]
         answer = "" if text == prefix else text.removeprefix(prefix + " ")  # another prompt: it writes "~"
         content, at = [], len(answer)
-        for _ in range(max(body.get("max_tokens") or 0, 1)):
+        for _ in range(min(max(body.get("max_tokens") or 0, 1), most)):  # at most `most` tokens per reply
             piece = starts.get(at) if target.startswith(answer) else None
             piece = piece or "~"
             spelled = (" " if not answer and at == 0 else "") + piece
@@ -239,6 +241,32 @@ def test_a_cloud_without_prompt_logprobs_is_read_ahead(tiny_llama: LoadedModel, 
     assert [t.source for t in result.tokens] == expected
     assert result.fallbacks == 0 and not result.warnings
     assert result.cloud_calls == served["requests"] - 1  # the echo on trial included; the model name once
+
+
+def test_where_the_clouds_reading_ends_the_draft_is_asked_about_again(tiny_llama: LoadedModel) -> None:
+    """Drafts past the end of the cloud's proposal are not left to the edge alone: the round ends before them, the
+    edge is rolled back to there, and the next round asks the cloud from there."""
+    from fedlm.fusion.decoder import _State
+
+    decoder_loop = FusedDecoder(tiny_llama, make_rule("router"), None, FusionConfig(lookahead=3))
+    edge = EdgeDecoder(tiny_llama, chat_prompt_ids(tiny_llama.tokenizer, [{"role": "user", "content": PROMPT}]))
+    state = _State(edge, len(edge.ids), time.perf_counter())
+    drafts = decoder_loop._draft(edge, 3)
+    first = decoder_loop.token_bytes[drafts[0][0]]
+
+    class OneTokenReading:  # the cloud's proposal covers the first draft only
+        def candidates_at(self, at: int, text: str) -> list[CloudCandidate] | None:
+            return [CloudCandidate(first, 0.0)] if at == 0 else None
+
+        def ask_again(self, at: int, text: str) -> bool:
+            return at > 0
+
+    result = FusionResult()
+    sent = b"".join(decoder_loop.token_bytes[t] for t, _ in drafts).decode("utf-8", "replace")
+    assert decoder_loop._commit(drafts, OneTokenReading(), sent, state, result) == (False, False)
+    assert [(t.token_id, t.source) for t in result.tokens] == [(drafts[0][0], "fused")]
+    assert edge.ids == [*edge.ids[: state.prompt_len], drafts[0][0]]  # rolled back to just after the kept token
+    assert torch_equal(edge.next_beliefs.local, drafts[1][1].local)
 
 
 def test_a_cloud_without_any_logprobs_leaves_the_edge_alone_and_says_why(tiny_llama: LoadedModel) -> None:

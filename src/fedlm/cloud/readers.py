@@ -32,6 +32,10 @@ class CloudView(Protocol):
         (the answer and draft that were sent); None where the cloud said nothing that applies there."""
         ...
 
+    def ask_again(self, at: int, text: str) -> bool:
+        """Whether a new request from character `at` would get the candidates this reading lacks there."""
+        ...
+
 
 class CloudReader(Protocol):
     protocol: CloudProtocol
@@ -75,6 +79,9 @@ class EchoView:
         # the cloud's token must spell the text the edge has there, or the two readings are not aligned
         return list(token.top) if ahead.startswith(token.raw) or token.raw.startswith(ahead) else None
 
+    def ask_again(self, at: int, text: str) -> bool:
+        return False  # the cloud read this very text: where it has no token boundary, it never will
+
 
 @dataclass(frozen=True)
 class EchoReader:
@@ -110,6 +117,11 @@ class AheadView:
         path = b"".join(t.raw for s, t in sorted(self.tokens.items()) if s < at)
         # the candidates apply only while the edge's text has followed the cloud's path up to here
         return list(token.top) if text[self.start : at].encode() == path else None
+
+    def ask_again(self, at: int, text: str) -> bool:
+        # past the start, a position is unread only because the proposal ended or the edge left it: asked from
+        # here, the cloud proposes again; at the start it has had its chance
+        return at > self.start
 
 
 @dataclass(frozen=True)

@@ -159,9 +159,14 @@ class FusedDecoder:
         state: _State,
         result: FusionResult,
     ) -> tuple[bool, bool]:
-        """Fuse and keep draft tokens up to the first one fusion overturns. Returns (kept every draft, finished)."""
+        """Fuse and keep draft tokens up to the first one fusion overturns, or up to the first the cloud's reading
+        no longer covers but a new request would (its proposal ended or was left): that one is drafted again and
+        asked about. Returns (kept every draft, finished)."""
         for token_id, before in drafts:
             candidates = view.candidates_at(state.chars, sent) if view else None
+            if candidates is None and view is not None and view.ask_again(state.chars, sent):
+                state.decoder.rollback(state.prompt_len + len(result.tokens), before)
+                return False, False
             fused = fuse_at(self.rule, self.aligner, before, candidates)
             choice = int(fused.logprobs.argmax())
             source: Source = ("fused" if choice == token_id else "cloud") if fused.cloud_informed else "edge"
