@@ -98,6 +98,8 @@ def speed(
     itself puts on fused speed, whatever the protocol does.
     """
     edge_only = FusionConfig(max_tokens=max_tokens)
+    fuse_once(edge, make_rule("none"), SPEED_PROMPT, FusionConfig(max_tokens=4))  # untimed: nothing is timed cold
+    fuse_once(edge, make_rule("router"), SPEED_PROMPT, FusionConfig(max_tokens=4), url)
     base = fuse_once(edge, make_rule("none"), SPEED_PROMPT, edge_only)
     ceiling = {}
     if cloud_busy is not None:
@@ -132,8 +134,10 @@ def speed(
                     "seconds": round(time.perf_counter() - start, 2),
                 }
             )
+    after = fuse_once(edge, make_rule("none"), SPEED_PROMPT, edge_only)  # the machine may have changed meanwhile
     return {
         "edge_tokens_per_s": round(base.tokens_per_s, 2),
+        "edge_tokens_per_s_after": round(after.tokens_per_s, 2),
         **ceiling,
         "max_tokens": max_tokens,
         "deadline_ms": deadline_ms,

@@ -216,7 +216,8 @@ def fusion(
             f"{result['speed']['co_location_ceiling']:.2f}x edge-only (the ceiling this machine's placement allows)"
         )
     console.print(
-        f"edge-only {result['speed']['edge_tokens_per_s']} tok/s; wrote {out / 'fusion.json'} and {out / 'fusion.png'}"
+        f"edge-only {result['speed']['edge_tokens_per_s']} tok/s before the fused runs, "
+        f"{result['speed']['edge_tokens_per_s_after']} after; wrote {out / 'fusion.json'} and {out / 'fusion.png'}"
     )
 
 
