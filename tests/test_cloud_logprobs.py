@@ -3,7 +3,7 @@
 import pytest
 
 from fedlm.cloud.logprobs import LogprobsMissing, read_scored, read_tokens
-from fedlm.cloud.readers import AheadReader, EchoReader, protocol_of
+from fedlm.cloud.readers import AheadReader, ChatReader, EchoReader, Turn, protocol_of
 
 
 def legacy(tokens: list[str], offsets: list[int], values: list, tops: list | None = None) -> dict:
@@ -53,7 +53,7 @@ def test_the_chat_shape_spells_tokens_by_their_bytes_and_ends_by_name() -> None:
 def test_generate_ahead_counts_the_clouds_candidates_only_along_its_path() -> None:
     reader = AheadReader(tokens=3, separator=" ")
     # no answer yet: the prompt ends at the prefix, and the cloud writes the separator itself
-    assert reader.request("User: Hi\nAssistant:", "", "Hel", 20)[0] == "User: Hi\nAssistant:"
+    assert reader.request(Turn("Hi", "User: Hi\nAssistant:"), "", "Hel", 20).prompt == "User: Hi\nAssistant:"
     path = [
         (" Hello", -0.1, [(" Hello", -0.1), (" Hi", -2.5)]),
         (" there", -0.2, [(" there", -0.2)]),
@@ -66,15 +66,15 @@ def test_generate_ahead_counts_the_clouds_candidates_only_along_its_path() -> No
     assert view.candidates_at(11, "Hello there!") is not None  # the edge followed the cloud's path
     assert view.candidates_at(11, "Hellos there") is None  # where the texts part, the rest of the proposal is dropped
     # with an answer, the cloud continues right after it
-    assert reader.request("P:", "Hello", "", 20)[0] == "P: Hello"
+    assert reader.request(Turn("Hi", "P:"), "Hello", "", 20).prompt == "P: Hello"
     later = reader.view(chat_shape([(" there", -0.2, [(" there", -0.2)])]), "Hello", "")
     assert later.candidates_at(5, "Hello there") is not None and later.candidates_at(0, "Hello") is None
 
 
 def test_echo_views_read_offsets_from_the_end_of_what_was_sent() -> None:
     reader = EchoReader(separator=" ")
-    prompt, fields = reader.request("Q:", "Hi", " you", 20)
-    assert prompt == "Q: Hi you" and fields["echo"] and fields["max_tokens"] == 0
+    ask = reader.request(Turn("Hi", "Q:"), "Hi", " you", 20)
+    assert ask.prompt == "Q: Hi you" and ask.fields["echo"] and ask.fields["max_tokens"] == 0
     # the cloud read a rewritten prefix (two characters longer) and says so at every token
     tops = [None, {"Q::": -1.0}, {" Hi": -0.1, " Yo": -2.0}, {" you": -0.3}]
     reply = legacy(["<bos>", "Q::", " Hi", " you"], [0, 5, 8, 11], [None, -1.0, -0.1, -0.3], tops)
@@ -82,3 +82,15 @@ def test_echo_views_read_offsets_from_the_end_of_what_was_sent() -> None:
     assert [c.raw for c in view.candidates_at(0, "Hi you") or []] == [b"Hi", b"Yo"]
     assert [c.raw for c in view.candidates_at(2, "Hi you") or []] == [b" you"]
     assert view.candidates_at(2, "Hi!!!") is None  # the cloud's token does not spell the edge's text there
+
+
+def test_chat_ahead_continues_the_answer_as_a_final_assistant_message() -> None:
+    reader = ChatReader(tokens=2)
+    first = reader.request(Turn("Capital of France?", "unused"), "", "The", 20)
+    assert first.messages == [{"role": "user", "content": "Capital of France?"}]
+    assert first.fields["top_logprobs"] == 20 and "continue_final_message" not in first.fields
+    later = reader.request(Turn("Capital of France?", "unused"), "The capital", " is", 20)
+    assert later.messages[-1] == {"role": "assistant", "content": "The capital"}
+    assert later.fields["continue_final_message"] and later.fields["add_generation_prompt"] is False
+    view = reader.view(chat_shape([(" is", -0.1, [(" is", -0.1), (" of", -2.0)])]), "The capital", " is")
+    assert [c.raw for c in view.candidates_at(11, "The capital is") or []] == [b" is", b" of"]

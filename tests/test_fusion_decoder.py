@@ -191,34 +191,53 @@ def test_a_cloud_that_disagrees_overturns_the_edge_drafts(tiny_llama: LoadedMode
     assert result.cloud_calls >= expected.count("cloud") + 1  # every overturn ends a round; the end needs one more
 
 
-def _ahead_cloud(edge: LoadedModel, prefix: str, target: str, with_logprobs: bool = True, most: int = 64) -> FastAPI:
+def _ahead_cloud(
+    edge: LoadedModel,
+    prefix: str,
+    target: str,
+    with_logprobs: bool = True,
+    most: int = 64,
+    completions: bool = True,
+) -> FastAPI:
     """A stub shaped like llama.cpp's server: it ignores `echo`, generates `max_tokens` tokens (at least one), and
     gives logprobs only on them, in the chat shape (`logprobs.content[]`) even on completions. It stops after
-    `most` tokens, as a server with a cap on new tokens would.
+    `most` tokens, as a server with a cap on new tokens would. Its chat continues a final assistant message.
 
-    It continues the prompt along `target` in the edge's own tokens while the answer so far agrees with it (after
+    It continues the answer along `target` in the edge's own tokens while the answer so far agrees with it (after
     "...Assistant:" it writes the separating space itself), then the end-of-turn token; elsewhere it writes "~".
+    `completions=False` serves chat alone, as hosted chat APIs do.
     """
     starts, app = _pieces(edge, target), _stub_app("ahead")
 
-    @app.post("/v1/completions")
-    async def completions(body: dict) -> dict:
-        text = body["prompt"]
-        answer = "" if text == prefix else text.removeprefix(prefix + " ")  # another prompt: it writes "~"
+    def proposal(answer: str, max_tokens: int, separator: str) -> dict:
         content, at = [], len(answer)
-        for _ in range(min(max(body.get("max_tokens") or 0, 1), most)):  # at most `most` tokens per reply
-            piece = starts.get(at) if target.startswith(answer) else None
-            piece = piece or "~"
-            spelled = (" " if not answer and at == 0 else "") + piece
+        for _ in range(min(max(max_tokens, 1), most)):  # at most `most` tokens per reply
+            piece = (starts.get(at) if target.startswith(answer) else None) or "~"
+            spelled = (separator if not answer and at == 0 else "") + piece
             entry = {"token": spelled, "logprob": 0.0, "bytes": [] if piece == "<|im_end|>" else list(spelled.encode())}
             content.append({**entry, "top_logprobs": [entry]})
             if piece == "<|im_end|>":
                 break
             answer, at = answer + piece, at + len(piece)
-        choice = {"index": 0, "text": "", "finish_reason": "length"}
+        choice = {"index": 0, "text": "", "message": {"role": "assistant", "content": ""}, "finish_reason": "length"}
         if with_logprobs:
             choice["logprobs"] = {"content": content}
-        return {"id": "cmpl-stub", "object": "text_completion", "model": "ahead", "choices": [choice]}
+        return {"id": "stub", "model": "ahead", "choices": [choice]}
+
+    if completions:
+
+        @app.post("/v1/completions")
+        async def complete(body: dict) -> dict:
+            text = body["prompt"]
+            answer = "" if text == prefix else text.removeprefix(prefix + " ")  # another prompt: it writes "~"
+            return proposal(answer, body.get("max_tokens") or 0, " ")
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> dict:
+        messages = body["messages"]
+        assert bool(body.get("continue_final_message")) == (messages[-1]["role"] == "assistant")
+        answer = messages[-1]["content"] if messages[-1]["role"] == "assistant" else ""
+        return proposal(answer if messages[0]["content"] == PROMPT else "?", body.get("max_tokens") or 0, "")
 
     return app
 
@@ -267,6 +286,20 @@ def test_where_the_clouds_reading_ends_the_draft_is_asked_about_again(tiny_llama
     assert [(t.token_id, t.source) for t in result.tokens] == [(drafts[0][0], "fused")]
     assert edge.ids == [*edge.ids[: state.prompt_len], drafts[0][0]]  # rolled back to just after the kept token
     assert torch_equal(edge.next_beliefs.local, drafts[1][1].local)
+
+
+@pytest.mark.parametrize("forced", ["auto", "chat"])
+def test_a_chat_only_cloud_is_read_ahead_through_chat(tiny_llama: LoadedModel, forced: str) -> None:
+    """No completions at all (a hosted chat API): the answer so far goes as a final assistant message that the
+    server continues, and its proposals fuse as the completions-based ones do."""
+    prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
+    ids = tiny_llama.tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    with _serve(_ahead_cloud(tiny_llama, prefix, TARGET, completions=False)) as (url, _):
+        result = asyncio.run(
+            _generate(tiny_llama, url, "router", max_tokens=len(ids) + 8, lookahead=4, protocol=forced)
+        )
+    assert result.text == TARGET and [t.token_id for t in result.tokens] == ids
+    assert result.cloud_protocol == "chat" and result.fallbacks == 0 and not result.warnings
 
 
 def test_a_cloud_without_any_logprobs_leaves_the_edge_alone_and_says_why(tiny_llama: LoadedModel) -> None:

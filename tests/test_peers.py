@@ -91,6 +91,7 @@ def llama_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     gguf = package.assemble(tmp_path_factory.mktemp("gguf") / package.MODEL_NAME, overwrite=True)
     port = free_port()
     args = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "-t", "1", "-c", "4096"]
+    args += ["--chat-template", "gemma"]  # the GGUF carries none, and the server's default (ChatML) is not Gemma's
     server = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -180,6 +181,21 @@ def test_fusion_with_llama_server_reads_it_ahead(edge: LoadedModel, llama_server
     assert result.cloud_protocol == "ahead" and not result.warnings and result.fallbacks == 0
     assert sum(informed) / len(informed) >= 0.5, [(t.text, t.source) for t in result.tokens]
     assert "Paris" in result.text and not result.text.startswith(" ")
+
+
+def test_fusion_with_llama_server_through_chat(edge: LoadedModel, llama_server: str) -> None:
+    """The chat way, as a chat-only API would be read: the answer so far is a final assistant message that
+    llama-server continues (`continue_final_message`)."""
+
+    async def run() -> object:
+        async with AsyncCloudClient(llama_server) as cloud:
+            config = FusionConfig(max_tokens=24, lookahead=4, protocol="chat")
+            return await FusedDecoder(edge, make_rule("router"), cloud, config).generate("Name three primary colors.")
+
+    result = asyncio.run(run())
+    informed = [t.source != "edge" for t in result.tokens]
+    assert result.cloud_protocol == "chat" and not result.warnings and result.fallbacks == 0
+    assert sum(informed) / len(informed) >= 0.5, [(t.text, t.source) for t in result.tokens]
 
 
 def test_scoring_against_llama_server_fails_at_once(llama_server: str) -> None:

@@ -49,7 +49,7 @@ def generate_command(
     cloud_protocol: str = typer.Option(
         "auto",
         "--cloud-protocol",
-        help="How to read the cloud: auto (find out) | echo (prompt logprobs) | ahead (logprobs on what it generates).",
+        help="How to read the cloud: auto | echo (prompt logprobs) | ahead (logprobs on what it generates) | chat.",
     ),
     privacy: Policy | None = Privacy,
     as_json: bool = Json,
@@ -66,8 +66,10 @@ def generate_command(
         raise typer.BadParameter(str(err)) from err
     if adapter is not None:
         edge_model = _with_adapter(edge_model, adapter)
-    if cloud_protocol not in ("auto", "echo", "ahead"):
-        raise typer.BadParameter(f"expected auto, echo or ahead, got {cloud_protocol!r}", param_hint="--cloud-protocol")
+    if cloud_protocol not in ("auto", "echo", "ahead", "chat"):
+        raise typer.BadParameter(
+            f"expected auto, echo, ahead or chat, got {cloud_protocol!r}", param_hint="--cloud-protocol"
+        )
     config = FusionConfig(max_tokens, lookahead, deadline_ms, simulate_rtt_ms=simulate_rtt_ms, protocol=cloud_protocol)
     use_cloud = cloud != NO_CLOUD and rule.uses_cloud
     try:

@@ -266,10 +266,23 @@ class ClientCore:
                     reply = yield from self._complete(prompt, fields)
                 except CloudUnavailable:
                     raise
-                except CloudError:  # nor completions with logprobs: nothing fusion can read
+                except CloudError:  # no completions with logprobs: perhaps chat
                     reply = {}
             self.cloud_protocol = protocol_of(reply)
+            if self.cloud_protocol == "none":
+                self.cloud_protocol = yield from self._chat_protocol()
         return self.cloud_protocol
+
+    def _chat_protocol(self) -> Exchange[CloudProtocol]:
+        """`chat` if chat completions give logprobs on what they generate, else `none`."""
+        fields = {"max_tokens": 1, "logprobs": True, "top_logprobs": 1, "temperature": 0}
+        try:
+            reply = yield from self._chat([{"role": "user", "content": "Say hi."}], fields)
+        except CloudUnavailable:
+            raise
+        except CloudError:
+            return "none"
+        return "chat" if any(t.logprob is not None for t in read_tokens(reply)) else "none"
 
     def _stream_body(self, messages: list[dict[str, Any]], fields: dict[str, Any]) -> Exchange[bytes]:
         model = yield from self._resolve_model()

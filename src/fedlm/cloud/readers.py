@@ -6,6 +6,9 @@
   go out, and the cloud continues them for a few tokens with top-k at each. Its candidates count at a position only
   while the edge's text has followed the cloud's own path up to there; where the two part, the rest of the
   proposal says nothing about the edge's text and is dropped.
+- `chat` (servers with chat completions only): the same, through chat: the answer so far is a final assistant
+  message that the server continues (`continue_final_message`, as llama.cpp's server and vLLM do), in the cloud's
+  own chat template.
 - `none`: the server gives no logprobs at all, and the edge answers alone.
 
 A reader builds its request and reads the reply (no I/O of its own); the reply becomes a `CloudView` in the
@@ -22,8 +25,25 @@ from typing import Any, Literal, Protocol
 
 from fedlm.cloud.logprobs import CloudCandidate, CloudToken, read_tokens
 
-CloudProtocol = Literal["echo", "ahead", "none"]
-PROTOCOLS: tuple[CloudProtocol, ...] = ("echo", "ahead", "none")
+CloudProtocol = Literal["echo", "ahead", "chat", "none"]
+PROTOCOLS: tuple[CloudProtocol, ...] = ("echo", "ahead", "chat", "none")
+
+
+@dataclass(frozen=True)
+class Turn:
+    """The user's prompt, and the plain transcript prefix a completions server reads it in ("User: ...\nAssistant:")."""
+
+    prompt: str
+    prefix: str
+
+
+@dataclass(frozen=True)
+class Ask:
+    """One request: to `/completions` with a prompt, or to `/chat/completions` with messages."""
+
+    prompt: str | None
+    messages: list[dict[str, Any]] | None
+    fields: dict[str, Any]
 
 
 class CloudView(Protocol):
@@ -40,8 +60,8 @@ class CloudView(Protocol):
 class CloudReader(Protocol):
     protocol: CloudProtocol
 
-    def request(self, prefix: str, answer: str, draft: str, top_k: int) -> tuple[str, dict[str, Any]]:
-        """The completion prompt and fields that ask the cloud about `draft` after `prefix` and `answer`."""
+    def request(self, turn: Turn, answer: str, draft: str, top_k: int) -> Ask:
+        """The request that asks the cloud about `draft` after `answer`, in answer to `turn`."""
         ...
 
     def view(self, reply: dict[str, Any], answer: str, draft: str) -> CloudView:
@@ -90,9 +110,9 @@ class EchoReader:
     separator: str = ""
     protocol: CloudProtocol = "echo"
 
-    def request(self, prefix: str, answer: str, draft: str, top_k: int) -> tuple[str, dict[str, Any]]:
+    def request(self, turn: Turn, answer: str, draft: str, top_k: int) -> Ask:
         fields = {"max_tokens": 0, "echo": True, "logprobs": top_k, "temperature": 0}
-        return prefix + self.separator + answer + draft, fields
+        return Ask(turn.prefix + self.separator + answer + draft, None, fields)
 
     def view(self, reply: dict[str, Any], answer: str, draft: str) -> EchoView:
         tokens = read_tokens(reply)
@@ -132,16 +152,36 @@ class AheadReader:
     separator: str = ""
     protocol: CloudProtocol = "ahead"
 
-    def request(self, prefix: str, answer: str, draft: str, top_k: int) -> tuple[str, dict[str, Any]]:
+    def request(self, turn: Turn, answer: str, draft: str, top_k: int) -> Ask:
         # with no answer yet the prompt ends at the prefix, since a prompt ending in a space reads badly to most
         # tokenizers: the cloud writes the separator itself
         fields = {"max_tokens": self.tokens, "logprobs": top_k, "temperature": 0}
-        return prefix + self.separator + answer if answer else prefix, fields
+        return Ask(turn.prefix + self.separator + answer if answer else turn.prefix, None, fields)
 
     def view(self, reply: dict[str, Any], answer: str, draft: str) -> AheadView:
         # generated tokens count from the end of the prompt; with no answer yet, that is where the separator goes
         shift = -len(answer) if answer else len(self.separator)
         return AheadView(_into_answer(read_tokens(reply), shift, self.separator), len(answer))
+
+
+@dataclass(frozen=True)
+class ChatReader:
+    """Generate-ahead through chat completions: the answer so far is the final assistant message, continued for
+    `tokens` tokens with top-k at each. The server must continue that message rather than start a new one."""
+
+    tokens: int = 4
+    protocol: CloudProtocol = "chat"
+
+    def request(self, turn: Turn, answer: str, draft: str, top_k: int) -> Ask:
+        messages: list[dict[str, Any]] = [{"role": "user", "content": turn.prompt}]
+        fields: dict[str, Any] = {"max_tokens": self.tokens, "logprobs": True, "top_logprobs": top_k, "temperature": 0}
+        if answer:
+            messages.append({"role": "assistant", "content": answer})
+            fields |= {"continue_final_message": True, "add_generation_prompt": False}
+        return Ask(None, messages, fields)
+
+    def view(self, reply: dict[str, Any], answer: str, draft: str) -> AheadView:
+        return AheadView(_into_answer(read_tokens(reply), -len(answer), ""), len(answer))
 
 
 def protocol_of(reply: dict[str, Any]) -> CloudProtocol:
@@ -160,4 +200,6 @@ def reader_for(protocol: CloudProtocol, ahead_tokens: int = 4, separator: str = 
         return EchoReader(separator)
     if protocol == "ahead":
         return AheadReader(ahead_tokens, separator)
+    if protocol == "chat":
+        return ChatReader(ahead_tokens)
     return None

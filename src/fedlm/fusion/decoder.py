@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedlm.cloud.client import AsyncCloudClient, CloudError, CloudUnavailable
-from fedlm.cloud.readers import CloudProtocol, CloudReader, CloudView, protocol_of, reader_for
+from fedlm.cloud.readers import CloudProtocol, CloudReader, CloudView, Turn, protocol_of, reader_for
 from fedlm.egress import EgressRefused
 from fedlm.fusion.edge import Beliefs, EdgeDecoder
 from fedlm.fusion.rules import FusionRule
@@ -125,7 +125,7 @@ class FusedDecoder:
         start = time.perf_counter()
         prompt_ids = chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}])
         decoder = EdgeDecoder(self.edge, prompt_ids, base=self.rule.needs_base)
-        cloud_prefix = self.config.cloud_prefix.format(prompt=prompt)
+        turn = Turn(prompt, self.config.cloud_prefix.format(prompt=prompt))
         state = _State(decoder, len(decoder.ids), start)
         link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None
         drafts = self._draft(decoder, self._fresh_budget(link, 0))
@@ -134,7 +134,7 @@ class FusedDecoder:
             if link is not None and self._wants_cloud(drafts):
                 sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
                 answer = sent[: state.chars]
-                ask = self._ask_cloud(link, cloud_prefix, answer, sent[len(answer) :], result, len(drafts))
+                ask = self._ask_cloud(link, turn, answer, sent[len(answer) :], result, len(drafts))
                 asked = asyncio.create_task(ask)
                 room = self.config.max_tokens - len(result.tokens) - len(drafts)
                 if room > 0 and drafts[-1][0] not in self.eos_ids:  # draft on while the cloud reads
@@ -230,7 +230,7 @@ class FusedDecoder:
         result.warnings.append(message)
 
     async def _ask_cloud(
-        self, link: _Link, prefix: str, answer: str, draft: str, result: FusionResult, n_drafts: int
+        self, link: _Link, turn: Turn, answer: str, draft: str, result: FusionResult, n_drafts: int
     ) -> tuple[CloudView | None, _Link | None]:
         """One request within the deadline; returns the cloud's reading and how to read the cloud from now on.
 
@@ -239,12 +239,14 @@ class FusedDecoder:
         the reply shows the server can be read, which is kept from then on."""
         cloud = link.client
         before = dataclasses.replace(cloud.traffic)
-        prompt, fields = link.reader.request(prefix, answer, draft, self.config.top_logprobs)
+        ask = link.reader.request(turn, answer, draft, self.config.top_logprobs)
 
         async def call() -> dict:
             if self.config.simulate_rtt_ms:
                 await asyncio.sleep(self.config.simulate_rtt_ms / 1000)
-            return await cloud.complete(prompt, **fields)
+            if ask.messages is not None:
+                return await cloud.chat(ask.messages, **ask.fields)
+            return await cloud.complete(ask.prompt or "", **ask.fields)
 
         sent_at = time.perf_counter()
         try:
@@ -258,7 +260,7 @@ class FusedDecoder:
         except (CloudError, EgressRefused) as err:
             if not link.confirmed and isinstance(err, CloudError) and not isinstance(err, CloudUnavailable):
                 found = await self._find_protocol(link, result)  # the server refused echo: ask it plainly
-                return await self._ask_cloud(found, prefix, answer, draft, result, n_drafts) if found else (None, None)
+                return await self._ask_cloud(found, turn, answer, draft, result, n_drafts) if found else (None, None)
             self._warn(result, f"cloud failed ({err}); finishing on the edge alone")
             result.fallbacks += n_drafts
             return None, None
@@ -269,7 +271,7 @@ class FusedDecoder:
         if not link.confirmed:
             if cloud.cloud_protocol != link.reader.protocol:
                 found = self._link(cloud, result)
-                return await self._ask_cloud(found, prefix, answer, draft, result, n_drafts) if found else (None, None)
+                return await self._ask_cloud(found, turn, answer, draft, result, n_drafts) if found else (None, None)
             link = dataclasses.replace(link, confirmed=True)
         result.cloud_protocol = link.reader.protocol
         return link.reader.view(response, answer, draft), link
