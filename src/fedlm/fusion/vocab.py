@@ -6,10 +6,14 @@ agrees with it when one is a prefix of the other (`" Pa"` agrees with `" P"`, `"
 candidate's probability is shared among its agreeing edge tokens in proportion to the edge's own probabilities:
 the cloud says which text comes next, the edge says how its tokens spell that text.
 
-A candidate whose bytes are exactly an edge token goes to that token alone. The cloud reveals only its top-k; the
-rest of its mass, `1 - sum(top-k)`, is not dropped but spread over the edge tokens that no candidate claimed,
-following the edge's distribution. The projection is thus a proper distribution, and when both sides are the same
-model it gives back exactly the edge's own distribution, so fusing a model with itself changes nothing.
+A candidate whose bytes are exactly an edge token goes to that token alone. A candidate longer than one edge token
+(" Kampala" where the edge has " Kamp" + "ala") goes to the first token of the edge's own spelling of that text:
+that is the token the edge would write first if the text went on that way, and shared by the edge's probabilities
+among " K", " Ka" and " Kamp" the cloud's belief would mostly land on " K", a different word. The cloud reveals
+only its top-k; the rest of its mass, `1 - sum(top-k)`, is not dropped but spread over the edge tokens that no
+candidate claimed, following the edge's distribution. The projection is thus a proper distribution, and when both
+sides are the same model it gives back exactly the edge's own distribution, so fusing a model with itself changes
+nothing.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class VocabAligner:
 
     def __init__(self, edge_tokenizer, edge_eos_ids: list[int]) -> None:
         table = token_bytes_table(edge_tokenizer)
+        self.tokenizer, self.table = edge_tokenizer, table
+        self._first: dict[bytes, int | None] = {}
         self.special = {edge_tokenizer.convert_ids_to_tokens(i).encode(): i for i in edge_tokenizer.all_special_ids}
         self.vocab_size = len(table)
         self.eos_ids = list(edge_eos_ids)
@@ -68,7 +74,21 @@ class VocabAligner:
             return torch.tensor([self.special[candidate.raw]], dtype=torch.long)
         if candidate.raw in self.exact:
             return torch.tensor([self.exact[candidate.raw]], dtype=torch.long)
+        first = self.first_token(candidate.raw)
+        if first is not None:
+            return torch.tensor([first], dtype=torch.long)
         return self.agreeing(candidate.raw)
+
+    def first_token(self, raw: bytes) -> int | None:
+        """The first token of the edge's own spelling of `raw`, when that takes several tokens (else None)."""
+        if raw not in self._first:
+            try:
+                ids = self.tokenizer(raw.decode("utf-8"), add_special_tokens=False)["input_ids"]
+            except UnicodeDecodeError:  # a partial character: no spelling of its own
+                ids = []
+            spelled = len(ids) > 1 and self.table[ids[0]] and raw.startswith(self.table[ids[0]])
+            self._first[raw] = ids[0] if spelled else None
+        return self._first[raw]
 
     def project(self, candidates: list[CloudCandidate], edge_logprobs: torch.Tensor) -> Projection:
         edge_probs = edge_logprobs.exp()
