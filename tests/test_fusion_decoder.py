@@ -262,6 +262,25 @@ def test_a_cloud_without_prompt_logprobs_is_read_ahead(tiny_llama: LoadedModel, 
     assert result.cloud_calls == served["requests"] - 1  # the echo on trial included; the model name once
 
 
+def test_a_cloud_read_ahead_drafts_and_the_edge_checks_its_proposal_in_one_pass(tiny_llama: LoadedModel) -> None:
+    """With a lookahead above one, the cloud's proposal is the draft: a round keeps up to `lookahead` of its tokens,
+    so a sure cloud needs about a quarter of the rounds at lookahead 4 that it needs at lookahead 1."""
+    prefix = PLAIN_CLOUD_PREFIX.format(prompt=PROMPT)
+    ids = tiny_llama.tokenizer(TARGET, add_special_tokens=False)["input_ids"]
+    edge = EdgeDecoder(tiny_llama, chat_prompt_ids(tiny_llama.tokenizer, [{"role": "user", "content": PROMPT}]))
+    expected = []  # "fused" where the edge alone would have written the cloud's token too: its beliefs must be right
+    for token_id in ids:
+        expected.append("fused" if int(edge.next_beliefs.local.argmax()) == token_id else "cloud")
+        edge.append(token_id)
+    calls = {}
+    for lookahead in (1, 4):
+        with _serve(_ahead_cloud(tiny_llama, prefix, TARGET)) as (url, _):
+            result = asyncio.run(_generate(tiny_llama, url, "router", max_tokens=len(ids) + 8, lookahead=lookahead))
+        assert result.text == TARGET and [t.source for t in result.tokens] == expected
+        calls[lookahead] = result.cloud_calls
+    assert calls[1] >= len(ids) and calls[4] <= len(ids) // 4 + 3, calls
+
+
 def test_where_the_clouds_reading_ends_the_draft_is_asked_about_again(tiny_llama: LoadedModel) -> None:
     """Drafts past the end of the cloud's proposal are not left to the edge alone: the round ends before them, the
     edge is rolled back to there, and the next round asks the cloud from there."""

@@ -80,3 +80,15 @@ def test_rollback_with_an_adapter_rolls_back_both_caches() -> None:
     decoder = EdgeDecoder(adapted, adapted.tokenizer(PROMPT)["input_ids"])
     assert decoder.has_adapter and decoder.next_beliefs.adapted is not None
     _check_rollback(adapted, 3)
+
+
+def test_reading_a_proposal_in_one_pass_equals_appending_it_token_by_token(tiny_llama: LoadedModel) -> None:
+    prompt = tiny_llama.tokenizer(PROMPT)["input_ids"]
+    proposal = tiny_llama.tokenizer(" and then some more words", add_special_tokens=False)["input_ids"]
+    one_pass, stepwise = EdgeDecoder(tiny_llama, prompt), EdgeDecoder(tiny_llama, prompt)
+    before = one_pass.extend(proposal)
+    for token_id, belief in zip(proposal, before, strict=True):
+        assert torch.allclose(belief.local, stepwise.next_beliefs.local, atol=1e-4)
+        stepwise.append(token_id)
+    assert one_pass.ids == stepwise.ids
+    assert torch.allclose(one_pass.next_beliefs.local, stepwise.next_beliefs.local, atol=1e-4)

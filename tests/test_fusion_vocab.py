@@ -84,7 +84,7 @@ def test_cloud_entropy_counts_the_unseen_bucket() -> None:
 
 
 def test_a_cloud_token_longer_than_one_edge_token_goes_to_the_edges_first_token_of_it() -> None:
-    """" Kampala" against an edge with " Kamp" + "ala": the cloud's mass goes to " Kamp", the token the edge writes
+    """ " Kampala" against an edge with " Kamp" + "ala": the cloud's mass goes to " Kamp", the token the edge writes
     first for that text, not shared by the edge's own probabilities among " K", " Ka" and " Kamp"."""
     for word in (" capital", " language", " beautiful", " information", " important"):
         ids = EDGE(word, add_special_tokens=False)["input_ids"]

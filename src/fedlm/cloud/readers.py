@@ -143,6 +143,15 @@ class AheadView:
         # here, the cloud proposes again; at the start it has had its chance
         return at > self.start
 
+    def proposal(self) -> bytes:
+        """The text the cloud proposed after the answer, up to where it would end its turn."""
+        text = b""
+        for _, token in sorted(self.tokens.items()):
+            if not token.raw:  # an end-of-text token
+                break
+            text += token.raw
+        return text
+
 
 @dataclass(frozen=True)
 class AheadReader:

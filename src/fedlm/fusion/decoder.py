@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fedlm.cloud.client import AsyncCloudClient, CloudError, CloudUnavailable
-from fedlm.cloud.readers import CloudProtocol, CloudReader, CloudView, Turn, protocol_of, reader_for
+from fedlm.cloud.readers import AheadView, CloudProtocol, CloudReader, CloudView, Turn, protocol_of, reader_for
 from fedlm.egress import EgressRefused
 from fedlm.fusion.edge import Beliefs, EdgeDecoder
 from fedlm.fusion.rules import FusionRule
@@ -128,8 +128,19 @@ class FusedDecoder:
         turn = Turn(prompt, self.config.cloud_prefix.format(prompt=prompt))
         state = _State(decoder, len(decoder.ids), start)
         link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None
-        drafts = self._draft(decoder, self._fresh_budget(link, 0))
-        while drafts:
+        drafts = [] if self._cloud_drafts(link) else self._draft(decoder, self._fresh_budget(link, 0))
+        while drafts or self._cloud_drafts(link):
+            if drafts and self._cloud_drafts(link):  # drafted before the cloud could draft: forget them
+                decoder.rollback(state.prompt_len + len(result.tokens), drafts[0][1])
+                drafts = []
+            if link is not None and self._cloud_drafts(link) and self.rule.wants_cloud(decoder.next_beliefs.local):
+                kept_all, done, link = await self._cloud_round(link, turn, state, result)
+                if done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens:
+                    break
+                drafts = [] if self._cloud_drafts(link) else self._draft(decoder, self._fresh_budget(link, 0))
+                continue
+            if not drafts:
+                drafts = self._draft(decoder, self._fresh_budget(link, len(result.tokens)))
             sent, speculative, view = "", [], None
             if link is not None and self._wants_cloud(drafts):
                 sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
@@ -151,6 +162,30 @@ class FusedDecoder:
         self._trim_stop(result)
         return result
 
+    def _cloud_drafts(self, link: _Link | None) -> bool:
+        """Whether the cloud drafts: a cloud read ahead proposes `lookahead` tokens, which the edge checks in one
+        pass. With a lookahead of one there is nothing to batch, and the edge drafting while the cloud answers is
+        faster (measured: 0.71x edge-only against 0.54x, llama-server on its own core)."""
+        ahead = link is not None and link.confirmed and link.reader.protocol != "echo"
+        return ahead and self.config.lookahead > 1
+
+    async def _cloud_round(
+        self, link: _Link, turn: Turn, state: _State, result: FusionResult
+    ) -> tuple[bool, bool, _Link | None]:
+        """One round where the cloud drafts: it continues the answer for a few tokens, the edge reads that proposal
+        in one pass (its beliefs at every position), and fusion keeps the proposal up to the first token it
+        overturns, as speculative decoding does with the roles swapped. Returns (kept all, finished, link)."""
+        answer = _valid_text(state.answer)
+        view, link = await self._ask_cloud(link, turn, answer, "", result, 1)
+        text = _valid_text(view.proposal()) if isinstance(view, AheadView) else ""
+        room = self.config.max_tokens - len(result.tokens)
+        ids = self.edge.tokenizer(text, add_special_tokens=False)["input_ids"][:room] if text else []
+        # nothing proposed (the end of the turn, or no answer in time): one edge token, fused where it can be
+        drafts = list(zip(ids, state.decoder.extend(ids), strict=True)) if ids else self._draft(state.decoder, 1)
+        sent = answer + b"".join(self.token_bytes[t] for t, _ in drafts).decode("utf-8", "replace")
+        kept_all, done = self._commit(drafts, view, sent, state, result, ask_again=False)
+        return kept_all, done, link
+
     def _commit(
         self,
         drafts: list[tuple[int, Beliefs]],
@@ -158,18 +193,21 @@ class FusedDecoder:
         sent: str,
         state: _State,
         result: FusionResult,
+        ask_again: bool = True,
     ) -> tuple[bool, bool]:
         """Fuse and keep draft tokens up to the first one fusion overturns, or up to the first the cloud's reading
         no longer covers but a new request would (its proposal ended or was left): that one is drafted again and
         asked about. Returns (kept every draft, finished)."""
         for token_id, before in drafts:
             candidates = view.candidates_at(state.chars, sent) if view else None
-            if candidates is None and view is not None and view.ask_again(state.chars, sent):
+            if candidates is None and ask_again and view is not None and view.ask_again(state.chars, sent):
                 state.decoder.rollback(state.prompt_len + len(result.tokens), before)
                 return False, False
             fused = fuse_at(self.rule, self.aligner, before, candidates)
             choice = int(fused.logprobs.argmax())
-            source: Source = ("fused" if choice == token_id else "cloud") if fused.cloud_informed else "edge"
+            # "cloud": fusion chose otherwise than the edge alone would have; the draft may be the cloud's own
+            agrees = choice == int(before.local.argmax())
+            source: Source = ("fused" if agrees else "cloud") if fused.cloud_informed else "edge"
             if not result.tokens:
                 result.ttft_ms = (time.perf_counter() - state.start) * 1000
             if choice in self.eos_ids:

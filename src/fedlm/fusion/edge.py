@@ -50,26 +50,37 @@ class EdgeDecoder:
         return self._next
 
     @torch.no_grad()
-    def _feed(self, ids: list[int]) -> Beliefs:
+    def _read(self, ids: list[int], keep: int) -> list[Beliefs]:
+        """Feed `ids` in one pass; the beliefs after each of the last `keep` of them (the LM head runs there only,
+        so reading a prompt computes one position's logits)."""
         tokens = torch.tensor([ids])
-        # only the last position's logits are read: the LM head runs there alone (a prompt is read in one pass)
-        out = self.model(input_ids=tokens, past_key_values=self.caches[0], use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=tokens, past_key_values=self.caches[0], use_cache=True, logits_to_keep=keep)
         self.caches[0] = out.past_key_values
-        last = out.logits[0, -1].float().log_softmax(-1)
+        local = out.logits[0].float().log_softmax(-1)
         if self.reads_base:
             with self.model.disable_adapter():
-                base = self.model(input_ids=tokens, past_key_values=self.caches[1], use_cache=True, logits_to_keep=1)
+                base = self.model(input_ids=tokens, past_key_values=self.caches[1], use_cache=True, logits_to_keep=keep)
             self.caches[1] = base.past_key_values
-            self._next = Beliefs(base.logits[0, -1].float().log_softmax(-1), last)
+            beliefs = [Beliefs(b, a) for b, a in zip(base.logits[0].float().log_softmax(-1), local, strict=True)]
         elif self.has_adapter:
-            self._next = Beliefs(None, last)
+            beliefs = [Beliefs(None, a) for a in local]
         else:
-            self._next = Beliefs(last)
+            beliefs = [Beliefs(a) for a in local]
         self.ids += ids
-        return self._next
+        self._next = beliefs[-1]
+        return beliefs
+
+    def _feed(self, ids: list[int]) -> Beliefs:
+        return self._read(ids, 1)[-1]
 
     def append(self, token_id: int) -> Beliefs:
         return self._feed([token_id])
+
+    def extend(self, ids: list[int]) -> list[Beliefs]:
+        """Read `ids` in one pass (a proposal to check); the beliefs each of them was weighed against."""
+        before = self._next
+        after = self._read(ids, len(ids))
+        return [before, *after[:-1]]
 
     def rollback(self, keep: int, next_beliefs: Beliefs) -> None:
         """Forget every token after the first `keep`; `next_beliefs` are the distributions that followed them."""
