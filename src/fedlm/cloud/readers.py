@@ -26,7 +26,6 @@ from typing import Any, Literal, Protocol
 from fedlm.cloud.logprobs import CloudCandidate, CloudToken, read_tokens
 
 CloudProtocol = Literal["echo", "ahead", "chat", "none"]
-PROTOCOLS: tuple[CloudProtocol, ...] = ("echo", "ahead", "chat", "none")
 
 
 @dataclass(frozen=True)

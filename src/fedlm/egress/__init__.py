@@ -1,8 +1,8 @@
 """What leaves the device: the egress hook every transport calls, its refusal, the audit log, and the audit-only
 default. Depends on nothing else in fedlm, so transports and privacy policies both build on it."""
 
-from fedlm.egress.audit import AuditLog, AuditRecord, default_audit_path, safe_destination, summarize
-from fedlm.egress.hook import AuditOnly, EgressHook, EgressRefused, serialize
+from fedlm.egress.audit import AuditLog, AuditRecord, default_audit_path, summarize
+from fedlm.egress.hook import AuditOnly, EgressHook, EgressRefused, check_body, serialize
 
 __all__ = [
     "AuditLog",
@@ -10,8 +10,8 @@ __all__ = [
     "AuditRecord",
     "EgressHook",
     "EgressRefused",
+    "check_body",
     "default_audit_path",
-    "safe_destination",
     "serialize",
     "summarize",
 ]

@@ -28,11 +28,16 @@ class EgressHook(Protocol):
     def inbound(self, destination: str, body: dict[str, Any]) -> dict[str, Any]: ...
 
 
-def serialize(body: dict[str, Any]) -> bytes:
-    """The one wire form of a request body: compact JSON."""
+def check_body(body: Any) -> dict[str, Any]:
+    """`body`, if it is a JSON object (a dict); every request body is one."""
     if not isinstance(body, dict):
         raise TypeError(f"request body must be a JSON object (dict), got {type(body).__name__}")
-    return json.dumps(body, separators=(",", ":")).encode()
+    return body
+
+
+def serialize(body: dict[str, Any]) -> bytes:
+    """The one wire form of a request body: compact JSON."""
+    return json.dumps(check_body(body), separators=(",", ":")).encode()
 
 
 class AuditOnly:

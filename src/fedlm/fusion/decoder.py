@@ -24,6 +24,8 @@ import dataclasses
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -128,19 +130,20 @@ class FusedDecoder:
         turn = Turn(prompt, self.config.cloud_prefix.format(prompt=prompt))
         state = _State(decoder, len(decoder.ids), start)
         link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None
-        drafts = [] if self._cloud_drafts(link) else self._draft(decoder, self._fresh_budget(link, 0))
-        while drafts or self._cloud_drafts(link):
-            if drafts and self._cloud_drafts(link):  # drafted before the cloud could draft: forget them
-                decoder.rollback(state.prompt_len + len(result.tokens), drafts[0][1])
-                drafts = []
-            if link is not None and self._cloud_drafts(link) and self.rule.wants_cloud(decoder.next_beliefs.local):
-                kept_all, done, link = await self._cloud_round(link, turn, state, result)
-                if done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens:
-                    break
-                drafts = [] if self._cloud_drafts(link) else self._draft(decoder, self._fresh_budget(link, 0))
-                continue
+        drafts: list[tuple[int, Beliefs]] = []
+        while True:
+            if link is not None and self._cloud_drafts(link):
+                if drafts:  # drafted before the cloud could draft: forget them
+                    decoder.rollback(state.prompt_len + len(result.tokens), drafts[0][1])
+                    drafts = []
+                if self.rule.wants_cloud(decoder.next_beliefs.local):
+                    done, link = await self._cloud_round(link, turn, state, result)
+                    if self._finished(done, state, result):
+                        break
+                    continue
+            drafts = drafts or self._draft(decoder, self._fresh_budget(link, len(result.tokens)))
             if not drafts:
-                drafts = self._draft(decoder, self._fresh_budget(link, len(result.tokens)))
+                break
             sent, speculative, view = "", [], None
             if link is not None and self._wants_cloud(drafts):
                 sent = _valid_text(state.answer + b"".join(self.token_bytes[t] for t, _ in drafts))
@@ -154,13 +157,15 @@ class FusedDecoder:
                     speculative = await asyncio.to_thread(self._draft, decoder, room, answered)
                 view, link = await asked  # the deadline runs inside, from when the request left
             kept_all, done = self._commit(drafts, view, sent, state, result)
-            if done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens:
+            if self._finished(done, state, result):
                 break
-            fresh = self._fresh_budget(link, len(result.tokens))
-            drafts = speculative if kept_all and speculative else self._draft(decoder, fresh)
+            drafts = speculative if kept_all else []
         result.seconds = time.perf_counter() - start
         self._trim_stop(result)
         return result
+
+    def _finished(self, done: bool, state: _State, result: FusionResult) -> bool:
+        return done or self._stopped(state.answer) or len(result.tokens) >= self.config.max_tokens
 
     def _cloud_drafts(self, link: _Link | None) -> bool:
         """Whether the cloud drafts: a cloud read ahead proposes `lookahead` tokens, which the edge checks in one
@@ -171,10 +176,10 @@ class FusedDecoder:
 
     async def _cloud_round(
         self, link: _Link, turn: Turn, state: _State, result: FusionResult
-    ) -> tuple[bool, bool, _Link | None]:
+    ) -> tuple[bool, _Link | None]:
         """One round where the cloud drafts: it continues the answer for a few tokens, the edge reads that proposal
         in one pass (its beliefs at every position), and fusion keeps the proposal up to the first token it
-        overturns, as speculative decoding does with the roles swapped. Returns (kept all, finished, link)."""
+        overturns, as speculative decoding does with the roles swapped. Returns (finished, link)."""
         answer = _valid_text(state.answer)
         view, link = await self._ask_cloud(link, turn, answer, "", result, 1)
         text = _valid_text(view.proposal()) if isinstance(view, AheadView) else ""
@@ -183,8 +188,8 @@ class FusedDecoder:
         # nothing proposed (the end of the turn, or no answer in time): one edge token, fused where it can be
         drafts = list(zip(ids, state.decoder.extend(ids), strict=True)) if ids else self._draft(state.decoder, 1)
         sent = answer + b"".join(self.token_bytes[t] for t, _ in drafts).decode("utf-8", "replace")
-        kept_all, done = self._commit(drafts, view, sent, state, result, ask_again=False)
-        return kept_all, done, link
+        _, done = self._commit(drafts, view, sent, state, result, ask_again=False)
+        return done, link
 
     def _commit(
         self,
@@ -276,7 +281,6 @@ class FusedDecoder:
         prompt logprobs), the reply is never taken for a reading, and the same question is asked again the way
         the reply shows the server can be read, which is kept from then on."""
         cloud = link.client
-        before = dataclasses.replace(cloud.traffic)
         ask = link.reader.request(turn, answer, draft, self.config.top_logprobs)
 
         async def call() -> dict:
@@ -288,7 +292,8 @@ class FusedDecoder:
 
         sent_at = time.perf_counter()
         try:
-            response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
+            with self._counted(cloud, result):
+                response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
             result.cloud_ms.append((time.perf_counter() - sent_at) * 1000)
             if not link.confirmed:
                 cloud.cloud_protocol = protocol_of(response)
@@ -304,8 +309,6 @@ class FusedDecoder:
             return None, None
         finally:
             result.cloud_calls += 1
-            result.bytes_sent += cloud.traffic.bytes_sent - before.bytes_sent
-            result.bytes_received += cloud.traffic.bytes_received - before.bytes_received
         if not link.confirmed:
             if cloud.cloud_protocol != link.reader.protocol:
                 found = self._link(cloud, result)
@@ -316,17 +319,26 @@ class FusedDecoder:
 
     async def _find_protocol(self, link: _Link, result: FusionResult) -> _Link | None:
         """Ask the server which way it can be read (`AsyncCloudClient.protocol`), counting what that costs."""
-        before = dataclasses.replace(link.client.traffic)
+        requests = link.client.traffic.requests
         try:
-            await link.client.protocol()
+            with self._counted(link.client, result):
+                await link.client.protocol()
         except CloudError as err:
             self._warn(result, f"cloud failed ({err}); finishing on the edge alone")
             return None
         finally:
-            result.cloud_calls += link.client.traffic.requests - before.requests
-            result.bytes_sent += link.client.traffic.bytes_sent - before.bytes_sent
-            result.bytes_received += link.client.traffic.bytes_received - before.bytes_received
+            result.cloud_calls += link.client.traffic.requests - requests
         return self._link(link.client, result)
+
+    @contextmanager
+    def _counted(self, client: AsyncCloudClient, result: FusionResult) -> Iterator[None]:
+        """Add the bytes `client` sends and receives within the block to `result`, whatever happens in it."""
+        before = dataclasses.replace(client.traffic)
+        try:
+            yield
+        finally:
+            result.bytes_sent += client.traffic.bytes_sent - before.bytes_sent
+            result.bytes_received += client.traffic.bytes_received - before.bytes_received
 
     def _stopped(self, answer: bytes) -> bool:
         text = answer.decode("utf-8", "ignore")

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Self
 
-from fedlm.egress import AuditLog, AuditRecord, EgressRefused, serialize
+from fedlm.egress import AuditLog, AuditRecord, EgressRefused, check_body, serialize
 from fedlm.privacy.detector import DEFAULT_THRESHOLD, Detector, Entity, Scan
 from fedlm.privacy.policy import DEFAULT_POLICY, Policy
 from fedlm.privacy.redact import Redactor
@@ -127,7 +127,7 @@ class EgressGate:
 
     def outbound(self, destination: str, body: dict[str, Any]) -> bytes:
         """The bytes to send for `body`. Raises `EgressBlocked` when the `local` policy keeps it on the device."""
-        serialize(body)  # refuse a body that is not a JSON object before anything else
+        check_body(body)  # refuse a body that is not a JSON object before anything else
         start = time.perf_counter()
         removed: Counter[str] = Counter()
         outgoing = body
