@@ -54,8 +54,22 @@ def test_fusing_a_model_with_itself_changes_nothing(
         )
     )
     assert [t.token_id for t in fused.tokens] == [t.token_id for t in alone.tokens]
-    assert fused.cloud_calls >= 16 // lookahead and "fused" in {t.source for t in fused.tokens}
+    assert "fused" in {t.source for t in fused.tokens}
+    if lookahead == 1:  # lockstep asks once per token, wherever the answer so far is text the cloud can read
+        readable = [_is_text(b"".join(t.raw for t in fused.tokens[:i])) for i in range(len(fused.tokens))]
+        assert fused.cloud_calls == sum(readable) and fused.cloud_protocol == "ahead"
+        assert all(t.source == "fused" for t, ok in zip(fused.tokens, readable, strict=True) if ok)
+    else:
+        assert fused.cloud_calls >= 16 // lookahead and fused.cloud_protocol == "echo"
     assert fused.bytes_sent > 0 and fused.bytes_received > 0 and fused.fallbacks == 0
+
+
+def _is_text(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def test_the_edge_drafts_on_while_a_slow_cloud_reads(tiny_llama: LoadedModel, tiny_url: str) -> None:
@@ -141,14 +155,23 @@ def _insisting_cloud(edge: LoadedModel, prefix: str, target: str) -> FastAPI:
     It reads the answer as a transcript is written, one space after its `prefix` ("...Assistant: Paris").
     Wherever the answer so far still agrees with `target` and an edge token of `target` starts, its only candidate
     is exactly that edge token (probability 1); past the end of `target` it is the end-of-turn token. Anywhere else
-    it offers nothing, so the edge's own token stands there.
+    it offers nothing, so the edge's own token stands there. Without `echo` (lockstep asks for the next token
+    only) it names that one token with the same rule, in the legacy shape.
     """
     starts, app = _pieces(edge, target), _stub_app("insisting")
 
     @app.post("/v1/completions")
     async def completions(body: dict) -> dict:
         text = body["prompt"]
-        assert text.startswith(prefix + " ") and body["echo"] and body["max_tokens"] == 0
+        if not body.get("echo"):
+            assert body["max_tokens"] == 1 and (text == prefix or text.startswith(prefix + " "))
+            answer = text[len(prefix) + 1 :]
+            agrees = target.startswith(answer) and len(answer) in starts
+            piece = ("" if answer else " ") + starts[len(answer)] if agrees else "~"
+            logprobs = {"tokens": [piece], "text_offset": [0], "token_logprobs": [0.0], "top_logprobs": [{piece: 0.0}]}
+            choice = {"index": 0, "text": piece, "logprobs": logprobs, "finish_reason": "length"}
+            return {"id": "cmpl-stub", "object": "text_completion", "model": "insisting", "choices": [choice]}
+        assert text.startswith(prefix + " ") and body["max_tokens"] == 0
         answer = text[len(prefix) + 1 :]
         tops: list[dict | None] = []
         for offset in range(len(text)):

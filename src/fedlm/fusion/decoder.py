@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal
 
 from fedlm.cloud.client import AsyncCloudClient, CloudError, CloudUnavailable
@@ -126,12 +127,21 @@ class FusedDecoder:
         result = FusionResult()
         start = time.perf_counter()
         prompt_ids = chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}])
-        decoder = EdgeDecoder(self.edge, prompt_ids, base=self.rule.needs_base)
         turn = Turn(prompt, self.config.cloud_prefix.format(prompt=prompt))
-        state = _State(decoder, len(decoder.ids), start)
         link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None
+        # in lockstep the first request leaves at once: the edge reads the prompt while the cloud reads it too
+        asked = await self._send(link, turn, "", result) if link is not None and self.config.lookahead == 1 else None
+        read_prompt = partial(EdgeDecoder, self.edge, prompt_ids, base=self.rule.needs_base)
+        decoder = await asyncio.to_thread(read_prompt) if asked else read_prompt()
+        state = _State(decoder, len(decoder.ids), start)
         drafts: list[tuple[int, Beliefs]] = []
         while True:
+            if link is not None and self.config.lookahead == 1:
+                done, link = await self._lockstep_round(link, turn, state, result, asked)
+                asked = None
+                if self._finished(done, state, result):
+                    break
+                continue
             if link is not None and self._cloud_drafts(link):
                 if drafts:  # drafted before the cloud could draft: forget them
                     decoder.rollback(state.prompt_len + len(result.tokens), drafts[0][1])
@@ -169,10 +179,44 @@ class FusedDecoder:
 
     def _cloud_drafts(self, link: _Link | None) -> bool:
         """Whether the cloud drafts: a cloud read ahead proposes `lookahead` tokens, which the edge checks in one
-        pass. With a lookahead of one there is nothing to batch, and the edge drafting while the cloud answers is
-        faster (measured: 0.71x edge-only against 0.54x, llama-server on its own core)."""
-        ahead = link is not None and link.confirmed and link.reader.protocol != "echo"
-        return ahead and self.config.lookahead > 1
+        pass."""
+        return link is not None and link.confirmed and link.reader.protocol != "echo"
+
+    async def _send(
+        self, link: _Link, turn: Turn, answer: str, result: FusionResult
+    ) -> asyncio.Task[tuple[CloudView | None, _Link | None]]:
+        """Ask the cloud for its candidates after `answer`, and return once the request is out: the edge's thread
+        then competes with it for the interpreter only after it has left."""
+        asked = asyncio.create_task(self._ask_cloud(link, turn, answer, "", result, 1))
+        await asyncio.sleep(0)
+        return asked
+
+    async def _lockstep_round(
+        self,
+        link: _Link,
+        turn: Turn,
+        state: _State,
+        result: FusionResult,
+        asked: asyncio.Task[tuple[CloudView | None, _Link | None]] | None = None,
+    ) -> tuple[bool, _Link | None]:
+        """One token, with nothing drafted that fusion could throw away: the request for the cloud's candidates
+        after the answer so far leaves the moment that answer is decided (or is `asked` already), and meanwhile
+        the edge reads the token it decided last (its one forward pass per token). The round lasts as long as the
+        slower of the two. Returns (finished, link)."""
+        answer = _valid_text(state.answer)
+        if answer.encode() != state.answer:  # mid-character: the cloud would read a text that ends elsewhere
+            before, view = state.decoder.next_beliefs, None
+        else:
+            asked = asked or await self._send(link, turn, answer, result)
+            before = await asyncio.to_thread(lambda: state.decoder.next_beliefs)
+            view = None
+            if self.rule.wants_cloud(before.local):
+                view, link = await asked
+            else:  # the request left before the edge knew it would not need it: go on without its answer
+                asked.cancel()
+        drafts = [(int(before.local.argmax()), before)]
+        _, done = self._commit(drafts, view, answer, state, result, ask_again=False, read=False)
+        return done, link
 
     async def _cloud_round(
         self, link: _Link, turn: Turn, state: _State, result: FusionResult
@@ -199,10 +243,12 @@ class FusedDecoder:
         state: _State,
         result: FusionResult,
         ask_again: bool = True,
+        read: bool = True,
     ) -> tuple[bool, bool]:
         """Fuse and keep draft tokens up to the first one fusion overturns, or up to the first the cloud's reading
         no longer covers but a new request would (its proposal ended or was left): that one is drafted again and
-        asked about. Returns (kept every draft, finished)."""
+        asked about. `read`: the edge has read the drafts already; else a kept one is read later, like a token
+        that overturned a draft (`EdgeDecoder.defer`). Returns (kept every draft, finished)."""
         for token_id, before in drafts:
             candidates = view.candidates_at(state.chars, sent) if view else None
             if candidates is None and ask_again and view is not None and view.ask_again(state.chars, sent):
@@ -222,8 +268,10 @@ class FusedDecoder:
             result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
             if choice != token_id:  # overturned: forget this draft's rest and anything drafted after it
                 state.decoder.rollback(state.prompt_len + len(result.tokens) - 1, before)
-                state.decoder.append(choice)
+                state.decoder.defer(choice)
                 return False, False
+            if not read:
+                state.decoder.defer(choice)
             if len(result.tokens) >= self.config.max_tokens:
                 return True, True
         return True, False
@@ -258,7 +306,10 @@ class FusedDecoder:
         """How this generation reads the cloud: the configured protocol, else the one this client already found,
         else echo on trial (the first reply says whether it fits, at no extra request)."""
         known = self.config.protocol if self.config.protocol != "auto" else client.cloud_protocol
-        reader = reader_for(known or "echo", self.config.lookahead, self.config.cloud_separator)
+        protocol = known or "echo"
+        if self.config.lookahead == 1 and protocol == "echo":  # lockstep reads the next token only: any server can
+            protocol = "ahead"
+        reader = reader_for(protocol, self.config.lookahead, self.config.cloud_separator)
         if reader is None:
             self._warn(
                 result,
@@ -295,8 +346,9 @@ class FusedDecoder:
             with self._counted(cloud, result):
                 response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
             result.cloud_ms.append((time.perf_counter() - sent_at) * 1000)
-            if not link.confirmed:
-                cloud.cloud_protocol = protocol_of(response)
+            found = protocol_of(response) if not link.confirmed else link.reader.protocol
+            if link.reader.protocol == "echo" or found == "none":  # only an echo trial tells echo from ahead
+                cloud.cloud_protocol = found
         except TimeoutError:
             result.fallbacks += n_drafts
             return None, link
@@ -310,9 +362,11 @@ class FusedDecoder:
         finally:
             result.cloud_calls += 1
         if not link.confirmed:
-            if cloud.cloud_protocol != link.reader.protocol:
-                found = self._link(cloud, result)
-                return await self._ask_cloud(found, turn, answer, draft, result, n_drafts) if found else (None, None)
+            if found != link.reader.protocol:
+                relinked = self._link(cloud, result)
+                return (
+                    await self._ask_cloud(relinked, turn, answer, draft, result, n_drafts) if relinked else (None, None)
+                )
             link = dataclasses.replace(link, confirmed=True)
         result.cloud_protocol = link.reader.protocol
         return link.reader.view(response, answer, draft), link

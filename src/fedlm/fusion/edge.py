@@ -42,12 +42,21 @@ class EdgeDecoder:
         self.reads_base = self.has_adapter and base
         self.ids: list[int] = []
         self.caches: list[DynamicCache | None] = [None, None]  # [model as loaded, base with the adapter off]
+        self._deferred: list[int] = []  # tokens decided but not read yet (`defer`)
         self._next = self._feed(prompt_ids)
 
     @property
     def next_beliefs(self) -> Beliefs:
-        """The distributions over the vocabulary for the token after `ids`."""
+        """The distributions over the vocabulary for the token after `ids`; deferred tokens are read first."""
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            self._feed(deferred)
         return self._next
+
+    def defer(self, token_id: int) -> None:
+        """Decide the next token now and read it when its beliefs are first asked for, so that the read can run
+        where it costs nothing (beside a cloud request) rather than where it is decided."""
+        self._deferred.append(token_id)
 
     @torch.no_grad()
     def _read(self, ids: list[int], keep: int) -> list[Beliefs]:
@@ -77,13 +86,18 @@ class EdgeDecoder:
         return self._feed([token_id])
 
     def extend(self, ids: list[int]) -> list[Beliefs]:
-        """Read `ids` in one pass (a proposal to check); the beliefs each of them was weighed against."""
+        """Read `ids` in one pass (a proposal to check); the beliefs each of them was weighed against. Deferred
+        tokens go in the same pass."""
+        if self._deferred:
+            deferred, self._deferred = self._deferred, []
+            return self._read(deferred + ids, len(ids) + 1)[:-1]
         before = self._next
         after = self._read(ids, len(ids))
         return [before, *after[:-1]]
 
     def rollback(self, keep: int, next_beliefs: Beliefs) -> None:
         """Forget every token after the first `keep`; `next_beliefs` are the distributions that followed them."""
+        self._deferred = []
         drop = len(self.ids) - keep
         if drop <= 0:
             return
