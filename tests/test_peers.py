@@ -161,13 +161,13 @@ def test_the_probe_finds_llama_server_readable_ahead_only(llama_server: str) -> 
     assert caps.completions and caps.completion_logprobs == 20
 
 
-def fused(edge: LoadedModel, url: str, prompt: str, protocol: str = "auto") -> FusionResult:
+def fused(edge: LoadedModel, url: str, prompt: str, protocol: str = "auto", lookahead: int = 4) -> FusionResult:
     """The edge fused with the server at `url` under the router, and checked to have read it throughout: the way
     it was read, no warnings, no fallbacks, and most tokens cloud-informed."""
 
     async def run() -> FusionResult:
         async with AsyncCloudClient(url) as cloud:
-            config = FusionConfig(max_tokens=24, lookahead=4, protocol=protocol)  # type: ignore[arg-type]
+            config = FusionConfig(max_tokens=24, lookahead=lookahead, protocol=protocol)  # type: ignore[arg-type]
             return await FusedDecoder(edge, make_rule("router"), cloud, config).generate(prompt)
 
     result = asyncio.run(run())
@@ -177,8 +177,9 @@ def fused(edge: LoadedModel, url: str, prompt: str, protocol: str = "auto") -> F
     return result
 
 
-def test_fusion_with_llama_server_reads_it_ahead(edge: LoadedModel, llama_server: str) -> None:
-    result = fused(edge, llama_server, "What is the capital of France?")
+@pytest.mark.parametrize("lookahead", [1, 4])
+def test_fusion_with_llama_server_reads_it_ahead(edge: LoadedModel, llama_server: str, lookahead: int) -> None:
+    result = fused(edge, llama_server, "What is the capital of France?", lookahead=lookahead)
     assert result.cloud_protocol == "ahead"
     assert "Paris" in result.text and not result.text.startswith(" ")
 
@@ -202,9 +203,12 @@ def test_the_probe_finds_vllm_readable_by_echo(vllm: str) -> None:
     assert caps.completions and caps.completion_logprobs == 20
 
 
-def test_fusion_with_vllm_reads_it_by_echo(edge: LoadedModel, vllm: str) -> None:
-    result = fused(edge, vllm, "What is the capital of France?")
-    assert result.cloud_protocol == "echo"
+@pytest.mark.parametrize(("lookahead", "protocol"), [(1, "ahead"), (4, "echo")])
+def test_fusion_with_vllm_reads_it_by_echo_or_ahead(
+    edge: LoadedModel, vllm: str, lookahead: int, protocol: str
+) -> None:
+    result = fused(edge, vllm, "What is the capital of France?", lookahead=lookahead)
+    assert result.cloud_protocol == protocol  # lockstep asks vLLM for the next token only
     assert "Paris" in result.text and not result.text.startswith(" ")
 
 

@@ -112,23 +112,26 @@ def test_eval_on_examples_reflects_model_quality(cloud_url: str) -> None:
         assert 0.2 < results["bpb", mode]["bits_per_byte"] < 2.0  # real LMs on plain English
 
 
-def test_fused_generation_on_the_real_pair(edge: LoadedModel, cloud_url: str) -> None:
+@pytest.mark.parametrize(("lookahead", "protocol"), [(1, "ahead"), (4, "echo")])
+def test_fused_generation_on_the_real_pair(edge: LoadedModel, cloud_url: str, lookahead: int, protocol: str) -> None:
     from fedlm.cloud.client import AsyncCloudClient
     from fedlm.fusion.decoder import FusedDecoder, FusionConfig
     from fedlm.fusion.rules import make_rule
 
     async def run() -> object:
         async with AsyncCloudClient(cloud_url) as client:
-            decoder = FusedDecoder(
-                edge, make_rule("router"), client, FusionConfig(max_tokens=24, lookahead=4, deadline_ms=120_000)
+            config = FusionConfig(max_tokens=24, lookahead=lookahead, deadline_ms=120_000)
+            return await FusedDecoder(edge, make_rule("router"), client, config).generate(
+                "What is the capital of France?"
             )
-            return await decoder.generate("What is the capital of France?")
 
     result = asyncio.run(run())
-    assert "Paris" in result.text
+    assert "Paris" in result.text and not result.text.startswith(" ")
     sources = {t.source for t in result.tokens}
     assert sources & {"fused", "cloud"}, "the cloud's tokenizer shares boundaries with the edge's on plain English"
-    assert result.cloud_calls >= 1 and result.fallbacks == 0
+    assert result.cloud_calls >= 1 and result.fallbacks == 0 and result.cloud_protocol == protocol
+    if lookahead == 1:  # lockstep: one request a token, every token read by the cloud
+        assert result.cloud_calls == len(result.tokens) + 1 and sources <= {"fused", "cloud"}  # + the end of turn
 
 
 def test_fused_scoring_on_the_real_pair(edge: LoadedModel, cloud_url: str) -> None:

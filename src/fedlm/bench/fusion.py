@@ -68,14 +68,14 @@ def score_modes(
 
 
 def quality(
-    edge: LoadedModel, cloud: CloudScorer, mcq: list[McqRow], bpb: dict[str, list[BpbRow]]
+    edge: LoadedModel, cloud: CloudScorer, mcq: dict[str, list[McqRow]], bpb: dict[str, list[BpbRow]]
 ) -> dict[str, dict[str, Any]]:
-    """{dataset: {mode: metric}} for the MCQ set (accuracy) and each BPB set (bits per byte)."""
+    """{dataset: {mode: metric}} for each MCQ set (accuracy) and each BPB set (bits per byte)."""
     out: dict[str, dict[str, Any]] = {}
-    pairs = [pair for row in mcq for pair in mcq_pairs(row)]
-    out["mcq"] = {
-        mode: evaluate_mcq(mcq, _Fixed(mode, s))["accuracy"] for mode, s in score_modes(edge, cloud, pairs).items()
-    }
+    for name, questions in mcq.items():
+        pairs = [pair for row in questions for pair in mcq_pairs(row)]
+        scores = score_modes(edge, cloud, pairs)
+        out[name] = {mode: evaluate_mcq(questions, _Fixed(mode, s))["accuracy"] for mode, s in scores.items()}
     for name, rows in bpb.items():
         scores = score_modes(edge, cloud, [(r.prompt, r.target) for r in rows])
         out[name] = {mode: evaluate_bpb(rows, _Fixed(mode, s))["bits_per_byte"] for mode, s in scores.items()}
@@ -151,14 +151,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    datasets = list(result["quality"])
+    datasets, accuracy = list(result["quality"]), set(result.get("mcq_sets", ["mcq"]))
     fig, grid = plt.subplots(1, len(datasets) + 1, figsize=(4.2 * (len(datasets) + 1), 4), squeeze=False)
     axes = grid[0]
     for ax, name in zip(axes, datasets, strict=False):
         modes = result["quality"][name]
         ax.bar(range(len(modes)), list(modes.values()), color=["#4c9a2a", "#9b4dca"] + ["#2a7ab0"] * (len(modes) - 2))
         ax.set_xticks(range(len(modes)), list(modes), rotation=45, ha="right")
-        ax.set_title(f"{name}: {'accuracy' if name == 'mcq' else 'bits/byte (lower is better)'}")
+        ax.set_title(f"{name}: {'accuracy' if name in accuracy else 'bits/byte (lower is better)'}")
     ax = axes[-1]
     runs = result["speed"]["runs"]
     for k in sorted({r["lookahead"] for r in runs}):

@@ -60,10 +60,10 @@ def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: flo
 
 @contextmanager
 def separate_cores(
-    model: str, cloud_cores: int = 1, startup_timeout_s: float = 300.0, dtype: str = "float32"
+    model: str, cloud_cores: int = 1, startup_timeout_s: float = 300.0, weights: str = "float32"
 ) -> Iterator[dict]:
-    """Serve `model` (weights in `dtype`) in a process pinned to the last `cloud_cores` cores, and pin this process
-    to the rest.
+    """Serve `model` (with `weights`, as `fedlm cloud serve --weights`) in a process pinned to the last
+    `cloud_cores` cores, and pin this process to the rest.
 
     Yields a description with the base URL (`url`) and the cores each side got. Needs Linux and at least
     `cloud_cores + 1` usable cores; restores this process's cores and torch threads on exit.
@@ -79,7 +79,19 @@ def separate_cores(
     port = _free_port()
     root = f"http://{LOOPBACK}:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedlm-cloud-{port}.log"
-    command = [sys.executable, "-m", "fedlm", "cloud", "serve", "--model", model, "--port", str(port), "--dtype", dtype]
+    command = [
+        sys.executable,
+        "-m",
+        "fedlm",
+        "cloud",
+        "serve",
+        "--model",
+        model,
+        "--port",
+        str(port),
+        "--weights",
+        weights,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(len(cloud))}
     saved_cores, saved_threads = set(os.sched_getaffinity(0)), torch.get_num_threads()
     with log.open("w") as sink:

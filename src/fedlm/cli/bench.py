@@ -9,7 +9,7 @@ from pathlib import Path
 import typer
 
 from fedlm import atomic
-from fedlm.cli.options import Dtype
+from fedlm.cli.options import Weights
 from fedlm.privacy.detector import DEFAULT_THRESHOLD
 
 app = typer.Typer(
@@ -140,6 +140,10 @@ def fusion(
     mcq: Path = typer.Option(Path("examples/mcq.jsonl"), "--mcq", help="MCQ rows for accuracy."),
     bpb: Path = typer.Option(Path("examples/bpb.jsonl"), "--bpb", help="Prompt/target rows for bits per byte."),
     gsm8k_rows: int = typer.Option(40, "--gsm8k-rows", min=0, help="GSM8K answers scored for bits per byte (0: skip)."),
+    gsm8k_from: int = typer.Option(0, "--gsm8k-from", min=0, help="The first GSM8K row scored (file order)."),
+    countries: int = typer.Option(
+        0, "--countries", min=0, help="Also score this many held-out country questions (fedlm.data.countries, test)."
+    ),
     rtts: str = typer.Option("0,20,50,100", "--rtt-ms", help="Simulated round-trip times for the speed runs."),
     lookaheads: str = typer.Option("1,4,8", "--lookahead", help="Lookaheads for the speed runs."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=4, help="Tokens generated per speed run."),
@@ -150,8 +154,8 @@ def fusion(
         help="Embedded cloud during the speed runs: 'separate' (its own process and CPU core, as a remote cloud "
         "would have) or 'shared' (in this process, competing with the edge for the same cores).",
     ),
-    cloud_dtype: Dtype = typer.Option(
-        Dtype.float32, "--cloud-dtype", help="Weights of the embedded cloud in the separate placement's speed runs."
+    cloud_weights: Weights = typer.Option(
+        Weights.float32, "--cloud-weights", help="Weights of the embedded cloud in the separate placement's speed runs."
     ),
     out: Path = typer.Option(Path("runs/bench-fusion"), "--out", help="Folder for fusion.json and fusion.png."),
 ) -> None:
@@ -177,8 +181,14 @@ def fusion(
         raise typer.BadParameter(str(err)) from err
     if gsm8k_rows:
         bpb_sets["gsm8k"] = [
-            BpbRow(prompt=f"Question: {r.question}\nAnswer:", target=f" {r.answer}") for r in load_gsm8k(gsm8k_rows)
+            BpbRow(prompt=f"Question: {r.question}\nAnswer:", target=f" {r.answer}")
+            for r in load_gsm8k(gsm8k_from + gsm8k_rows)[gsm8k_from:]
         ]
+    mcq_sets = {"mcq": mcq_rows}
+    if countries:
+        from fedlm.data.countries import country_questions
+
+        mcq_sets["countries"] = country_questions("test", limit=countries)
     console = Console()
     edge_model = load(edge)
     with cloud_url(cloud, cloud_model, quiet=False) as (url, model):
@@ -187,7 +197,8 @@ def fusion(
         result: dict = {"edge": edge, "cloud": model or url, "cloud_protocol": protocol, "quality": {}}
         if protocol == "echo":
             console.print("[bold]bench fusion[/]: quality (edge, cloud and fused readings of every text)")
-            result["quality"] = quality(edge_model, CloudScorer(url, model=model), mcq_rows, bpb_sets)
+            result["quality"] = quality(edge_model, CloudScorer(url, model=model), mcq_sets, bpb_sets)
+            result["mcq_sets"] = list(mcq_sets)
         else:
             console.print(
                 f"[bold]bench fusion[/]: quality skipped: scoring needs echo, and {url} is read by {protocol}"
@@ -199,11 +210,11 @@ def fusion(
     if separate:
         console.print("[bold]bench fusion[/]: speed (tokens/s against edge-only; cloud on a core of its own)")
         cloud_name = model or CLOUD_DEFAULT
-        with separate_cores(cloud_name, dtype=cloud_dtype.value) as where:
+        with separate_cores(cloud_name, weights=cloud_weights.value) as where:
             url = where.pop("url")
             busy = partial(busy_cloud, url, cloud_name, SPEED_PROMPT, where["cloud_cores"])
             measured = speed(edge_model, url, rtt_list, k_list, max_tokens, deadline_ms, busy)
-            result["speed"] = {**measured, **where, "cloud_dtype": cloud_dtype.value}
+            result["speed"] = {**measured, **where, "cloud_weights": cloud_weights.value}
     atomic.write_json(out / "fusion.json", result, indent=2)
     plot(result, out / "fusion.png")
     for name, modes in result["quality"].items():

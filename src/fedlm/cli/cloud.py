@@ -9,7 +9,7 @@ import os
 import typer
 from rich.console import Console
 
-from fedlm.cli.options import ApiKey, Dtype, Json, api_key_or_env, egress_gate
+from fedlm.cli.options import ApiKey, Json, Weights, api_key_or_env, egress_gate
 from fedlm.models import CLOUD_DEFAULT
 
 app = typer.Typer(help="The OpenAI-compatible cloud service and client.", no_args_is_help=True)
@@ -24,18 +24,18 @@ def serve(
         None, "--api-key", help="Require 'Authorization: Bearer KEY' (default: $FEDLM_API_KEY; none: open)."
     ),
     max_batch: int = typer.Option(8, "--max-batch", min=1, help="Requests decoded together in one batch."),
-    dtype: Dtype = typer.Option(Dtype.float32, "--dtype", help="Weights as served (logprobs are float32 either way)."),
+    weights: Weights = typer.Option(
+        Weights.float32, "--weights", help="Weights as served; logprobs are float32 either way."
+    ),
 ) -> None:
     """Serve MODEL at http://HOST:PORT/v1 (models, completions, chat/completions) and /health."""
-    import torch
-
     from fedlm.cloud.engine import Engine
     from fedlm.cloud.service import serve as run_service
-    from fedlm.models import load
+    from fedlm.models import load_weights
 
-    loaded = load(model, dtype=getattr(torch, dtype.value))
+    loaded = load_weights(model, weights.value)
     Console(stderr=True).print(
-        f"[bold]fedlm cloud[/] serving {model!r} in {dtype.value} on http://{host}:{port}/v1 "
+        f"[bold]fedlm cloud[/] serving {model!r} with {weights.value} weights on http://{host}:{port}/v1 "
         f"(loaded in {loaded.load_seconds:.1f}s)"
     )
     run_service(

@@ -43,13 +43,20 @@ def generate_command(
     api_key: str | None = ApiKey,
     fusion: str = typer.Option("router", "--fusion", help="router | linear | proxy | route | none"),
     deadline_ms: float = typer.Option(2000.0, "--deadline-ms", min=1, help="How long each cloud round may take."),
-    lookahead: int = typer.Option(4, "--lookahead", min=1, help="Edge tokens drafted per cloud round trip."),
+    lookahead: int = typer.Option(
+        1,
+        "--lookahead",
+        min=1,
+        help="1: lockstep, each token waits for the cloud's next-token reading (best when the cloud answers within "
+        "an edge token). More: up to this many tokens drafted ahead, by the edge (echo) or by the cloud (ahead, chat).",
+    ),
     max_tokens: int = typer.Option(64, "--max-tokens", min=1),
     simulate_rtt_ms: float = typer.Option(0.0, "--simulate-rtt-ms", min=0, help="Add a sleeping network delay."),
     cloud_protocol: str = typer.Option(
         "auto",
         "--cloud-protocol",
-        help="How to read the cloud: auto | echo (prompt logprobs) | ahead (logprobs on what it generates) | chat.",
+        help="How to read the cloud: auto | echo (prompt logprobs) | ahead (logprobs on what it generates) | chat. "
+        "Lockstep reads the next token only, so echo is read ahead there.",
     ),
     privacy: Policy | None = Privacy,
     as_json: bool = Json,

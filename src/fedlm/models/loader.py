@@ -60,6 +60,22 @@ def load(name_or_path: str, quiet: bool = False, dtype: torch.dtype = torch.floa
     return LoadedModel(name_or_path, model, tokenizer, time.perf_counter() - start)
 
 
+WEIGHTS = ("float32", "bfloat16", "int8")
+
+
+def load_weights(name_or_path: str, weights: str = "float32", quiet: bool = False) -> LoadedModel:
+    """Load a model to serve with `weights`: float32, bfloat16, or int8 linear layers (`models.quantize`), which
+    decode faster on a CPU at some cost in exactness (measured in `models.quantize`)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    loaded = load(name_or_path, quiet=quiet, dtype=torch.float32 if weights == "float32" else torch.bfloat16)
+    if weights == "int8":
+        from fedlm.models.quantize import int8_weights
+
+        int8_weights(loaded.model)
+    return loaded
+
+
 def with_adapter(loaded: LoadedModel, adapter: str | Path, merge: bool = False) -> LoadedModel:
     """`loaded` with a PEFT adapter folder applied, named `<model>+<folder>`.
 
