@@ -33,6 +33,10 @@ def test_speed_runs_each_lookahead_and_names_how_the_cloud_was_read(tiny_llama: 
     result = speed(tiny_llama, tiny_url, rtts=[0.0], lookaheads=[1, 4], max_tokens=8, deadline_ms=5000)
     runs = {run["lookahead"]: run for run in result["runs"]}
     assert set(runs) == {1, 4} and result["edge_tokens_per_s"] > 0
+    cost = result["edge_cost"]  # the edge decoder beside HF generate and the memory floor
+    assert cost["edge_ms_per_token"] > 0 and cost["hf_generate_ms_per_token"] > 0
+    weights = sum(p.numel() * p.element_size() for p in tiny_llama.model.parameters()) / 1e6
+    assert cost["weights_mb"] <= round(weights, 1) and cost["memory_gb_per_s"] > 0
     assert runs[1]["cloud_protocol"] == "ahead"  # lockstep asks for the next token only
     assert runs[4]["cloud_protocol"] == "echo"  # drafts ahead are scored by echo where the server has it
     for run in runs.values():

@@ -8,6 +8,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -87,6 +88,7 @@ def test_probe_reports_what_our_service_supports(connect: Connect, tiny_url: str
     assert caps.models == ["tiny-llama"]
     assert caps.chat and caps.chat_logprobs and caps.token_bytes and caps.completions and caps.echo
     assert caps.chat_top_logprobs == 20 and caps.completion_logprobs == 20
+    assert caps.logprob_start  # it scores only the tail a client asks for
     assert caps.notes == []
 
 
@@ -258,3 +260,23 @@ def test_probe_names_the_way_fusion_will_read_a_server(connect: Connect, tiny_ur
     with serve_app(app) as url, connect(url) as client:
         caps = client.probe()
     assert caps.protocol == "ahead" and not caps.echo and caps.completions and caps.completion_logprobs == 2
+    assert not caps.logprob_start
+
+
+def test_a_server_that_refuses_the_tail_extension_is_still_read_by_echo(connect: Connect, tiny_url: str) -> None:
+    """A strict server answers an unknown field with a 400: protocol detection asks again without it."""
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    def models() -> dict:
+        return {"data": [{"id": "tiny-llama"}]}
+
+    @app.post("/v1/completions")
+    def complete(body: dict) -> Any:
+        if "logprob_start_char" in body:
+            return JSONResponse({"error": {"message": "unknown field"}}, status_code=400)
+        return httpx.post(tiny_url + "/completions", json=body, timeout=30).json()
+
+    with serve_app(app) as url, connect(url) as client:
+        caps = client.probe()
+    assert caps.protocol == "echo" and caps.echo and not caps.logprob_start

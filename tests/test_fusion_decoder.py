@@ -479,3 +479,22 @@ def test_a_rule_that_never_reads_the_base_spares_the_adapter_off_pass(tmp_path, 
     assert passes["off"] == 0 and len(alone.tokens) == len(linear.tokens) == 8
     router = asyncio.run(_generate(adapted, tiny_url, "router", max_tokens=8, lookahead=2))
     assert passes["off"] >= 8 and len(router.tokens) == 8  # the router weighs the base: one pass per token at least
+
+
+def test_a_cloud_that_scores_only_the_tail_is_asked_for_the_draft_alone(tiny_llama: LoadedModel, tiny_url: str) -> None:
+    """Once the client has found that fedlm's server honours `logprob_start_char`, each echo round asks it to score
+    the draft's positions only: the same answer, read the same way, for fewer bytes."""
+    prefix = _same_prompt_as_edge(tiny_llama)
+    config = FusionConfig(max_tokens=16, lookahead=4, cloud_prefix=prefix, cloud_separator="")
+
+    async def run(found: bool) -> FusionResult:
+        async with AsyncCloudClient(tiny_url, retries=0) as cloud:
+            if found:
+                await cloud.protocol()
+            assert cloud.logprob_start == found
+            return await FusedDecoder(tiny_llama, make_rule("router"), cloud, config).generate("The capital of France")
+
+    everything, tail = asyncio.run(run(False)), asyncio.run(run(True))
+    assert [(t.token_id, t.source) for t in tail.tokens] == [(t.token_id, t.source) for t in everything.tokens]
+    assert tail.cloud_protocol == everything.cloud_protocol == "echo" and tail.fallbacks == 0
+    assert tail.bytes_received < everything.bytes_received

@@ -39,6 +39,28 @@ def test_completion_echo_returns_prompt_logprobs_with_offsets(http: httpx.Client
     assert all(len(top) <= 2 for top in lp["top_logprobs"][1:])
 
 
+@pytest.mark.parametrize("start", [0, 11, 15, 29, 31])
+def test_logprob_start_char_scores_only_the_tokens_that_reach_it(tiny_engine: Engine, start: int) -> None:
+    """With `logprob_start_char`, the tokens that carry a character at or after it are scored exactly as a full
+    echo scores them, and those before come back null; the same text asked again in full is scored in full
+    (the prefix cache never hands out rows it did not score)."""
+    prompt = "The capital of France is Paris, and of Spain, Madrid."
+    fields = {"model": MODEL, "max_tokens": 0, "echo": True, "logprobs": 3}
+    with background_service(tiny_engine) as url, httpx.Client(base_url=url, timeout=30) as http:
+        tail = http.post("/completions", json={**fields, "prompt": prompt, "logprob_start_char": start}).json()
+        full = http.post("/completions", json={**fields, "prompt": prompt}).json()
+    tail_lp, full_lp = tail["choices"][0]["logprobs"], full["choices"][0]["logprobs"]
+    assert tail_lp["tokens"] == full_lp["tokens"] and tail_lp["text_offset"] == full_lp["text_offset"]
+    ends = [*full_lp["text_offset"][1:], len(prompt)]
+    for i, end in enumerate(ends):
+        if i > 0 and end > start:  # reaches the start: scored as in full (the first token never is)
+            assert tail_lp["token_logprobs"][i] == pytest.approx(full_lp["token_logprobs"][i], abs=1e-4)
+            assert list(tail_lp["top_logprobs"][i]) == list(full_lp["top_logprobs"][i])
+        else:
+            assert tail_lp["token_logprobs"][i] is None and tail_lp["top_logprobs"][i] is None
+    assert all(v is not None for v in full_lp["token_logprobs"][1:])
+
+
 def test_completion_generates_and_counts_usage(http: httpx.Client) -> None:
     body = http.post(
         "/completions", json={"model": MODEL, "prompt": "Once upon", "max_tokens": 5, "temperature": 0}

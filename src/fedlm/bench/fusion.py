@@ -82,6 +82,44 @@ def quality(
     return out
 
 
+def edge_cost(edge: LoadedModel, decoder_ms: float, tokens: int = 32) -> dict[str, float]:
+    """The edge decoder's time per token (`decoder_ms`, measured by the caller) beside HF `generate` on the same
+    model and the memory-bandwidth floor: on a CPU a decode step reads every weight once, so it can take no less
+    than the weights' bytes over the bandwidth one thread gets (measured here by summing 256 MiB)."""
+    import torch
+
+    prompt = edge.tokenizer(SPEED_PROMPT, return_tensors="pt")
+
+    def generate(n: int) -> float:
+        start = time.perf_counter()
+        with torch.no_grad():
+            edge.model.generate(**prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        return time.perf_counter() - start
+
+    generate(2)  # untimed: nothing is timed cold
+    hf_ms = (generate(tokens + 1) - generate(1)) / tokens * 1000  # the prefill cancels out
+    seen: set[int] = set()
+    weights = 0
+    for p in edge.model.parameters():  # tied weights (an LM head sharing the embedding) counted once
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            weights += p.numel() * p.element_size()
+    block = torch.ones(64 * 1024 * 1024)  # 256 MiB of float32, well past any cache
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        block.sum()
+        best = min(best, time.perf_counter() - start)
+    bandwidth = block.numel() * block.element_size() / best
+    return {
+        "edge_ms_per_token": round(decoder_ms, 2),
+        "hf_generate_ms_per_token": round(hf_ms, 2),
+        "weights_mb": round(weights / 1e6, 1),
+        "memory_gb_per_s": round(bandwidth / 1e9, 2),
+        "bandwidth_floor_ms_per_token": round(weights / bandwidth * 1000, 2),
+    }
+
+
 def speed(
     edge: LoadedModel,
     url: str,
@@ -101,6 +139,7 @@ def speed(
     fuse_once(edge, make_rule("none"), SPEED_PROMPT, FusionConfig(max_tokens=4))  # untimed: nothing is timed cold
     fuse_once(edge, make_rule("router"), SPEED_PROMPT, FusionConfig(max_tokens=4), url)
     base = fuse_once(edge, make_rule("none"), SPEED_PROMPT, edge_only)
+    cost = edge_cost(edge, (base.seconds - base.ttft_ms / 1000) / max(len(base.tokens) - 1, 1) * 1000)
     ceiling = {}
     if cloud_busy is not None:
         with cloud_busy():
@@ -139,6 +178,7 @@ def speed(
         "edge_tokens_per_s": round(base.tokens_per_s, 2),
         "edge_tokens_per_s_after": round(after.tokens_per_s, 2),
         **ceiling,
+        "edge_cost": cost,
         "max_tokens": max_tokens,
         "deadline_ms": deadline_ms,
         "runs": runs,

@@ -231,6 +231,12 @@ def fusion(
             f"edge-only beside a cloud computing nonstop: {result['speed']['edge_tokens_per_s_cloud_busy']} tok/s, "
             f"{result['speed']['co_location_ceiling']:.2f}x edge-only (the ceiling this machine's placement allows)"
         )
+    cost = result["speed"]["edge_cost"]
+    console.print(
+        f"edge decoder {cost['edge_ms_per_token']} ms/token; HF generate {cost['hf_generate_ms_per_token']} ms/token; "
+        f"memory floor {cost['bandwidth_floor_ms_per_token']} ms/token ({cost['weights_mb']} MB of weights at "
+        f"{cost['memory_gb_per_s']} GB/s)"
+    )
     console.print(
         f"edge-only {result['speed']['edge_tokens_per_s']} tok/s before the fused runs, "
         f"{result['speed']['edge_tokens_per_s_after']} after; wrote {out / 'fusion.json'} and {out / 'fusion.png'}"

@@ -58,6 +58,7 @@ class Capabilities:
     completions: bool = False
     completion_logprobs: int = 0
     echo: bool = False
+    logprob_start: bool = False  # echo scores only the tail asked for (fedlm's `logprob_start_char` extension)
     protocol: CloudProtocol = "none"  # how fusion will read it (`fedlm.cloud.readers`)
     notes: list[str] = field(default_factory=list)
 
@@ -136,6 +137,7 @@ class ClientCore:
         self.egress: EgressHook = egress or AuditOnly()
         self.traffic = Traffic()
         self.cloud_protocol: CloudProtocol | None = None  # found on first need, then kept
+        self.logprob_start = False  # the server scores only the tail asked for (`logprob_start_char`), once found
         self._http = self._connect()
 
     def _connect(self) -> httpx.Client | httpx.AsyncClient:
@@ -251,23 +253,26 @@ class ClientCore:
         except CloudError as err:
             caps.notes.append(f"echo scoring: {err}")
         caps.protocol = yield from self._protocol()
+        caps.logprob_start = self.logprob_start
         return caps
 
     def _protocol(self) -> Exchange[CloudProtocol]:
         """How fusion can read this server (`echo`, `ahead` or `none`), found with one tiny request and kept."""
         if self.cloud_protocol is None:
-            prompt, fields = "Hello there", {"max_tokens": 1, "logprobs": 1, "temperature": 0}
-            try:
-                reply = yield from self._complete(prompt, {**fields, "echo": True})
-            except CloudUnavailable:
-                raise
-            except CloudError:
-                try:  # some servers refuse `echo` outright
-                    reply = yield from self._complete(prompt, fields)
+            prompt, fields = "Hello there, friend", {"max_tokens": 1, "logprobs": 1, "temperature": 0}
+            tail = {**fields, "echo": True, "logprob_start_char": len(prompt) - 1}  # fedlm's extension: the tail only
+            # some servers refuse an unknown field, others `echo` itself; no completions with logprobs: perhaps chat
+            reply: dict[str, Any] = {}
+            for attempt in (tail, {**fields, "echo": True}, fields):
+                try:
+                    reply = yield from self._complete(prompt, attempt)
                 except CloudUnavailable:
                     raise
-                except CloudError:  # no completions with logprobs: perhaps chat
-                    reply = {}
+                except CloudError:
+                    continue
+                # a server that honours the extension leaves the tokens before the tail unscored
+                self.logprob_start = attempt is tail and any(t.logprob is None for t in read_tokens(reply)[1:])
+                break
             self.cloud_protocol = protocol_of(reply)
             if self.cloud_protocol == "none":
                 self.cloud_protocol = yield from self._chat_protocol()

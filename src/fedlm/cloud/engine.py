@@ -25,7 +25,7 @@ from fedlm.cloud import batch_cache
 from fedlm.cloud.prefix_cache import Hit, PrefixCache, one_row
 from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_prompt_ids, chat_stops
-from fedlm.models.token_bytes import complete_prefix_len, token_bytes_table, token_text
+from fedlm.models.token_bytes import complete_prefix_len, token_bytes_table, token_starts, token_text
 
 
 class ContextLengthError(ValueError):
@@ -41,6 +41,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's logprob plus the k most likely
     echo: bool = False  # also score the prompt tokens
+    echo_from: int = 1  # with echo, the first prompt token scored; those before come back unscored (NaN)
 
 
 @dataclass(frozen=True)
@@ -195,7 +196,11 @@ class Engine:
         fresh, batches = [], []
         for request in requests:
             echo_k = (request.params.top_logprobs or 0) if request.params.echo else None
-            hit = self.prefix_cache.lookup(request.prompt_ids, echo_k) if self.prefix_cache else None
+            hit = (
+                self.prefix_cache.lookup(request.prompt_ids, echo_k, request.params.echo_from)
+                if self.prefix_cache
+                else None
+            )
             if hit is None:
                 fresh.append(request)
             else:
@@ -216,20 +221,19 @@ class Engine:
             input_ids[row, width - len(request.prompt_ids) :] = torch.tensor(request.prompt_ids)
             mask[row, width - len(request.prompt_ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        echo = any(r.params.echo for r in requests)  # else only the last position's logits are computed at all
+        # the LM head runs only where some row wants logits: its last position, and the prompt tokens it scores
+        keep = max(_scored(r.prompt_ids, r.params) + 1 for r in requests)
         out = self.model(
-            input_ids=input_ids,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            logits_to_keep=0 if echo else 1,
+            input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=keep
         )
         states = [_RowState(self, request) for request in requests]
         for row, state in enumerate(states):
             ids, k = state.request.prompt_ids, state.params.top_logprobs or 0
             rows = None
             if state.params.echo:
-                rows = self.positions(ids[1:], out.logits[row, width - len(ids) : -1].float().log_softmax(-1), k)
+                scored = _scored(ids, state.params)
+                logits = out.logits[row, keep - scored - 1 : -1].float().log_softmax(-1)
+                rows = self.unscored(ids[1 : len(ids) - scored]) + self.positions(ids[len(ids) - scored :], logits, k)
                 state.emit_prompt(rows)
             if self.prefix_cache:
                 self.prefix_cache.store(ids, one_row(out.past_key_values, row, len(ids)), rows, k)
@@ -242,18 +246,23 @@ class Engine:
         ids, k, echo = request.prompt_ids, request.params.top_logprobs or 0, request.params.echo
         positions = torch.arange(hit.length, len(ids))[None]
         mask = torch.ones((1, len(ids)), dtype=torch.long)
+        scored = min(_scored(ids, request.params), len(ids) - hit.length - 1)  # the cached part brings its own
         out = self.model(
             input_ids=torch.tensor([ids[hit.length :]]),
             attention_mask=mask,
             position_ids=positions,
             past_key_values=hit.cache,
             use_cache=True,
-            logits_to_keep=0 if echo else 1,
+            logits_to_keep=scored + 1,
         )
         state = _RowState(self, request)
         rows = None
         if echo:
-            rows = hit.echo + self.positions(ids[hit.length + 1 :], out.logits[0, :-1].float().log_softmax(-1), k)
+            logits = out.logits[0, :-1].float().log_softmax(-1)
+            cut = min(max(request.params.echo_from, 1) - 1, len(hit.echo))  # cached rows the client did not ask for
+            reused = self.unscored(ids[1 : 1 + cut]) + hit.echo[cut:]
+            fresh = self.unscored(ids[hit.length + 1 : len(ids) - scored])
+            rows = reused + fresh + self.positions(ids[len(ids) - scored :], logits, k)
             state.emit_prompt(rows)
         self.prefix_cache.store(ids, one_row(out.past_key_values, 0, len(ids)), rows, k)
         batch = _Batch(self, [state], out.past_key_values, mask, positions[:, -1:])
@@ -269,6 +278,16 @@ class Engine:
         )
         return Candidate(token_id, text, raw, logprob)
 
+    def first_token_reaching(self, prompt_ids: list[int], prompt: str, char: int) -> int:
+        """The index of the first prompt token that carries a character at or after offset `char` of `prompt`."""
+        starts, end = token_starts(((self.token_bytes[i], self.candidate(i, 0.0).text) for i in prompt_ids), prompt)
+        ends = [*starts[1:], end]
+        return next((i for i, token_end in enumerate(ends) if token_end > char), len(prompt_ids))
+
+    def unscored(self, token_ids: list[int]) -> list[TokenLogprob]:
+        """Prompt tokens that come back without a logprob (NaN) or candidates: the client did not ask for them."""
+        return [TokenLogprob(self.candidate(token_id, float("nan"))) for token_id in token_ids]
+
     def positions(self, token_ids: list[int], logprobs: torch.Tensor, k: int) -> list[TokenLogprob]:
         """Each token with its logprob and the top-k, from its own row of `logprobs` (one row per token)."""
         chosen = logprobs.gather(-1, torch.tensor(token_ids)[:, None])[:, 0].tolist()
@@ -280,6 +299,11 @@ class Engine:
             )
             for token_id, lp, top_ids, top_values in zip(token_ids, chosen, ids.tolist(), values.tolist(), strict=True)
         ]
+
+
+def _scored(prompt_ids: list[int], params: SamplingParams) -> int:
+    """How many prompt tokens at the end of the prompt a request has scored (echo): all from `echo_from` on."""
+    return len(prompt_ids) - min(max(params.echo_from, 1), len(prompt_ids)) if params.echo else 0
 
 
 class _Batch:

@@ -30,6 +30,17 @@ class _Entry:
     cache: DynamicCache
     echo: list | None
     top_k: int
+    scored_from: int  # the first token whose echo row is scored: every row from there on is
+
+
+def _scored_from(echo: list | None) -> int:
+    """The first token index from which every echo row (rows are for tokens 1, 2, ...) has a logprob."""
+    if echo is None:
+        return 0
+    first = len(echo) + 1
+    while first > 1 and echo[first - 2].token.logprob == echo[first - 2].token.logprob:  # NaN: unscored
+        first -= 1
+    return first
 
 
 def _keeps_everything(cache: DynamicCache) -> bool:
@@ -70,8 +81,9 @@ class PrefixCache:
         self.entries: OrderedDict[tuple[int, ...], _Entry] = OrderedDict()
         self.hits = self.reused_tokens = 0
 
-    def lookup(self, ids: list[int], echo_k: int | None) -> Hit | None:
-        """The longest reusable prefix of `ids`; at least one token is always left to read."""
+    def lookup(self, ids: list[int], echo_k: int | None, echo_from: int = 1) -> Hit | None:
+        """The longest reusable prefix of `ids`; at least one token is always left to read. With `echo_k`, the
+        entry must have scored every reused token from `echo_from` on, with at least that many candidates."""
         best, best_len = None, 0
         for entry in self.entries.values():
             common = 0
@@ -81,7 +93,11 @@ class PrefixCache:
                 common += 1
             # the next token's distribution is read at the last reused position, so stop one short of the end
             length = min(common - 1, len(ids) - 1)
-            usable = echo_k is None or (entry.echo is not None and entry.top_k >= echo_k)
+            usable = echo_k is None or (
+                entry.echo is not None
+                and entry.top_k >= echo_k
+                and (entry.scored_from <= max(echo_from, 1) or length < max(echo_from, 1))
+            )
             if usable and length > best_len:
                 best, best_len = entry, length
         if best is None or best_len < self.min_tokens:
@@ -100,7 +116,7 @@ class PrefixCache:
         known = self.entries.get(key)
         if echo is None and known is not None and known.echo is not None:  # keep the echo rows read before
             echo, top_k = known.echo, known.top_k
-        self.entries[key] = _Entry(key, cache, echo, top_k)
+        self.entries[key] = _Entry(key, cache, echo, top_k, _scored_from(echo))
         self.entries.move_to_end(key)
         while len(self.entries) > self.capacity:
             self.entries.popitem(last=False)

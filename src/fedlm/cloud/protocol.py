@@ -67,6 +67,13 @@ class CompletionRequest(SamplingFields):
     max_tokens: int = Field(default=16, ge=0)
     logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     echo: bool = False
+    logprob_start_char: int | None = Field(
+        default=None,
+        ge=0,
+        description="fedlm extension, in the spirit of SGLang's logprob_start_len: with echo, only the prompt tokens "
+        "that carry a character at or after this offset are scored; earlier ones come back with null logprobs, and "
+        "the model's LM head does not run there. A client that re-sends a growing text asks for the new tail only.",
+    )
 
     @field_validator("prompt")
     @classmethod

@@ -104,14 +104,20 @@ class EchoView:
 
 @dataclass(frozen=True)
 class EchoReader:
-    """Scores the answer and the draft with prompt logprobs (`echo`): every position in one request."""
+    """Scores the answer and the draft with prompt logprobs (`echo`): every position in one request. With
+    `tail_only` (a server that honours `logprob_start_char`), only the draft's positions are scored and sent back:
+    the answer before it was read in earlier rounds."""
 
     separator: str = ""
+    tail_only: bool = False
     protocol: CloudProtocol = "echo"
 
     def request(self, turn: Turn, answer: str, draft: str, top_k: int) -> Ask:
-        fields = {"max_tokens": 0, "echo": True, "logprobs": top_k, "temperature": 0}
-        return Ask(turn.prefix + self.separator + answer + draft, None, fields)
+        fields: dict[str, Any] = {"max_tokens": 0, "echo": True, "logprobs": top_k, "temperature": 0}
+        head = turn.prefix + self.separator + answer
+        if self.tail_only:
+            fields["logprob_start_char"] = len(head)
+        return Ask(head + draft, None, fields)
 
     def view(self, reply: dict[str, Any], answer: str, draft: str) -> EchoView:
         tokens = read_tokens(reply)
@@ -202,10 +208,12 @@ def protocol_of(reply: dict[str, Any]) -> CloudProtocol:
     return "echo" if len(tokens) > 1 else "ahead"
 
 
-def reader_for(protocol: CloudProtocol, ahead_tokens: int = 4, separator: str = "") -> CloudReader | None:
-    """The reader for a protocol; None for `none`."""
+def reader_for(
+    protocol: CloudProtocol, ahead_tokens: int = 4, separator: str = "", tail_only: bool = False
+) -> CloudReader | None:
+    """The reader for a protocol; None for `none`. `tail_only`: the server honours `logprob_start_char`."""
     if protocol == "echo":
-        return EchoReader(separator)
+        return EchoReader(separator, tail_only)
     if protocol == "ahead":
         return AheadReader(ahead_tokens, separator)
     if protocol == "chat":

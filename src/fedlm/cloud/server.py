@@ -112,10 +112,18 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest) -> Any:
         check_model(body.model)
-        params = SamplingParams(
-            body.max_tokens, body.temperature, body.top_p, body.seed, tuple(body.stop or ()), body.logprobs, body.echo
-        )
         ids = engine.encode_prompt(body.prompt)
+        start = body.logprob_start_char
+        params = SamplingParams(
+            body.max_tokens,
+            body.temperature,
+            body.top_p,
+            body.seed,
+            tuple(body.stop or ()),
+            body.logprobs,
+            body.echo,
+            engine.first_token_reaching(ids, body.prompt, start) if start else 1,
+        )
         check_length(ids, params, "prompt")
         if body.stream:
             return _sse(_completion_chunks(engine, ids, params, body.prompt))

@@ -99,10 +99,13 @@ class CloudScorer:
     def echo(
         self, pairs: Sequence[Pair], top_logprobs: int, progress: Callable[[int], None] | None = None
     ) -> list[dict]:
-        """One `echo` completion per pair, with prompt logprobs and top-k, sent `concurrency` at a time."""
-        return asyncio.run(self._echo([c + t for c, t in pairs], top_logprobs, progress))
+        """One `echo` completion per pair, with prompt logprobs and top-k, sent `concurrency` at a time. A server
+        that can (`logprob_start_char`) scores the target's tokens only: the context's are never read."""
+        return asyncio.run(self._echo(pairs, top_logprobs, progress))
 
-    async def _echo(self, texts: list[str], top_logprobs: int, progress: Callable[[int], None] | None) -> list[dict]:
+    async def _echo(
+        self, pairs: Sequence[Pair], top_logprobs: int, progress: Callable[[int], None] | None
+    ) -> list[dict]:
         gate = asyncio.Semaphore(self.concurrency)
         async with AsyncCloudClient(self.base_url, self.api_key, self.model, egress=self.egress) as client:
             self.name = await client.resolve_model()
@@ -114,14 +117,17 @@ class CloudScorer:
                     "vLLM or llama-cpp-python."
                 )
 
-            async def one(text: str) -> dict:
+            async def one(context: str, target: str) -> dict:
+                fields = {"max_tokens": 0, "echo": True, "logprobs": top_logprobs, "temperature": 0}
+                if client.logprob_start:
+                    fields["logprob_start_char"] = len(context)
                 async with gate:
-                    reply = await client.complete(text, max_tokens=0, echo=True, logprobs=top_logprobs, temperature=0)
+                    reply = await client.complete(context + target, **fields)
                 if progress:
                     progress(1)
                 return reply
 
-            return list(await asyncio.gather(*(one(text) for text in texts)))
+            return list(await asyncio.gather(*(one(context, target) for context, target in pairs)))
 
 
 class FusedScorer:

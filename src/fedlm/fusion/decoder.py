@@ -1,20 +1,27 @@
 """Edge and cloud decoding together, token by token, under a real-time deadline.
 
-Each round the edge drafts `lookahead` tokens greedily. One cloud request scores the whole draft: the prompt is
-the cloud's own prefix, the answer so far and the draft, sent with `echo` and top-k logprobs, so the cloud returns
-its next-token candidates at every position of its own tokenization. Wherever a cloud token starts exactly where an
-edge token starts (a shared text boundary) the two beliefs are fused; elsewhere the edge token stands. The first
-draft token that fusion overturns is replaced, the rest of the draft is rolled back, and the next round starts
-there. While the cloud reads, the edge drafts on (up to `lookahead` tokens) and stops the moment the answer is
-in; when every draft was kept, those speculative tokens are the next request, sent at once. So the cloud is never
-idle waiting for a full draft, and one round trip serves as many tokens as the edge made while it lasted: that is
-what hides the network and the cloud's own compute. After an overturn the next request leaves with a single
-fresh token, since anything drafted past the overturned one is lost anyway. Even one draft is
-scored this way: a prompt that stopped right after the answer would force a cloud token boundary there, and the
-cloud would predict from a tokenization of the text it would never have made itself.
+Two schedules, chosen by `lookahead`:
 
-The cloud gets `deadline_ms` per round. A late or failed answer never stalls generation: the drafted edge tokens
-stand and count as fallbacks; a cloud that errors is dropped for the rest of the generation with a warning.
+- **Lockstep** (`lookahead=1`, the default). Nothing is drafted that fusion could throw away. The moment the answer
+  so far is decided, one request asks the cloud for its top-k candidates for the next token (it continues the
+  answer by one token, which any server with logprobs on generated tokens can do), and meanwhile the edge reads the
+  token decided last, its one forward pass per token. Both beliefs in, they are fused and the next round starts. A
+  round lasts as long as the slower of the two, so with a cloud that answers within one edge token fused decoding
+  runs at nearly the edge's own speed, whatever fusion overturns. The first request leaves while the edge reads the
+  prompt.
+- **Drafting ahead** (`lookahead>1`), which hides a round trip longer than an edge token. With `echo`, the edge
+  drafts greedily and one request scores the whole draft: the prompt is the cloud's own prefix, the answer so far
+  and the draft, sent with `echo` and top-k logprobs, so the cloud returns its candidates at every position of its
+  own tokenization. Wherever a cloud token starts exactly where an edge token starts (a shared text boundary) the
+  two beliefs are fused; elsewhere the edge token stands. The first draft token that fusion overturns is replaced,
+  the rest of the draft is rolled back, and the next round starts there. While the cloud reads, the edge drafts on
+  (up to `lookahead` tokens) and stops the moment the answer is in; when every draft was kept, those speculative
+  tokens are the next request, sent at once. A cloud read ahead (no `echo`) drafts instead: it continues the
+  answer for `lookahead` tokens, and the edge checks that proposal in one pass. Every overturned token throws away
+  what was drafted past it, so drafting pays only where overturns are rare or the round trip is long.
+
+The cloud gets `deadline_ms` per round. A late or failed answer never stalls generation for longer: the edge
+tokens stand and count as fallbacks; a cloud that errors is dropped for the rest of the generation with a warning.
 """
 
 from __future__ import annotations
@@ -309,7 +316,7 @@ class FusedDecoder:
         protocol = known or "echo"
         if self.config.lookahead == 1 and protocol == "echo":  # lockstep reads the next token only: any server can
             protocol = "ahead"
-        reader = reader_for(protocol, self.config.lookahead, self.config.cloud_separator)
+        reader = reader_for(protocol, self.config.lookahead, self.config.cloud_separator, client.logprob_start)
         if reader is None:
             self._warn(
                 result,
