@@ -69,7 +69,7 @@ def test_health_is_open_and_v1_needs_the_key(url: str, tiny_llama: LoadedModel) 
         ({"model": "tiny-llama", "text": TEXT, "format": "int3"}, 400, "format"),
         ({"model": "tiny-llama", "text": ""}, 400, "text"),
         ({"model": "tiny-llama", "text": "x" * 40_000}, 400, "text"),
-        ({"model": "tiny-llama", "text": TEXT, "layers": [5]}, 400, "layers"),
+        ({"model": "tiny-llama", "text": TEXT, "layers": [0, 5]}, 400, "layers.1"),  # past the last layer
         ({"model": "tiny-llama", "text": TEXT, "layers": []}, 400, "layers"),
         ({"model": "gpt-4o", "text": TEXT}, 404, "model"),
     ],

@@ -2,6 +2,8 @@
 
 import asyncio
 import json
+import time
+from collections.abc import Iterator
 
 import httpx
 import pytest
@@ -119,7 +121,11 @@ def test_chat_stream_is_server_sent_events(http: httpx.Client) -> None:
             {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
             "top_logprobs",
         ),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 3}, None),
+        ({"model": MODEL, "prompt": "x", "max_tokens": "5"}, "max_tokens"),  # no "5" for 5: the schema's types
+        ({"model": MODEL, "prompt": "x", "echo": "yes"}, "echo"),
+        ({"model": MODEL, "prompt": ["x", "y"]}, None),  # one prompt a request
+        ({"model": MODEL, "prompt": "x", "seed": 2**64}, "seed"),  # past what a 64-bit generator takes
+        ({"model": MODEL, "prompt": "x", "max_tokens": 4097}, "max_tokens"),  # over the server's limit
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temprature": 0.5}, "temprature"),
         ({"model": MODEL, "messages": []}, "messages"),
         ({"model": MODEL, "prompt": "x", "logprobs": -1}, "logprobs"),
@@ -135,6 +141,101 @@ def test_bad_requests_get_openai_style_4xx(http: httpx.Client, body: dict, param
     assert error["type"] == "invalid_request_error" and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_a_lone_surrogate_is_a_400_naming_the_field(http: httpx.Client) -> None:
+    raw = json.dumps({"model": MODEL, "prompt": "x\ud800y"}).encode()  # JSON carries it escaped, as a client may
+    response = http.post("/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["param"] == "prompt"
+
+
+def test_a_body_over_the_limit_is_a_413_before_it_is_read(tiny_engine: Engine) -> None:
+    from fedlm.cloud.server import Limits
+
+    with background_service(tiny_engine, limits=Limits(max_body_bytes=10_000)) as url:
+        big = {"model": MODEL, "prompt": "x" * 20_000}
+        response = httpx.post(url + "/completions", json=big, timeout=30)
+        assert response.status_code == 413 and response.json()["error"]["type"] == "invalid_request_error"
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b'{"model": "tiny-llama", "prompt": "'
+            for _ in range(30):
+                yield b"x" * 1000
+            yield b'"}'
+
+        response = httpx.post(url + "/completions", content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413
+        assert httpx.get(url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "extreme", [{"top_p": 1.1e-308}, {"temperature": 1e-300}, {"temperature": 2.2e-313, "top_p": 1e-300}]
+)
+def test_extreme_sampling_settings_neither_fail_nor_take_others_down(http: httpx.Client, extreme: dict) -> None:
+    """top_p past float32's range kept no token, a tiny temperature divided to NaN, and the failure took every
+    request in its batch down: now the top token always stays, a tiny temperature is greedy, and a request that
+    fails alone fails alone."""
+    plain = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6, "temperature": 0}
+
+    async def together() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=str(http.base_url), timeout=60) as client:
+            asks = [client.post("/completions", json=plain), client.post("/completions", json={**plain, **extreme})]
+            return list(await asyncio.gather(*asks))
+
+    good, odd = asyncio.run(together())
+    assert good.status_code == 200 and odd.status_code == 200
+    assert odd.json()["choices"][0]["text"] == good.json()["choices"][0]["text"]  # greedy, as temperature 0 is
+
+
+def test_a_failure_midway_ends_the_stream_with_an_error_event_and_done(tiny_engine: Engine) -> None:
+    from fedlm.cloud import engine as engine_module
+
+    calls = {"n": 0}
+    original = engine_module._RowState.advance
+
+    def fail_on_third(self: object, logprobs: object) -> int:
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return original(self, logprobs)
+
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "stream": True}
+    engine_module._RowState.advance = fail_on_third  # type: ignore[method-assign]
+    try:
+        with background_service(tiny_engine) as url, httpx.stream("POST", url + "/completions", json=body) as r:
+            lines = [line for line in r.iter_lines() if line]
+    finally:
+        engine_module._RowState.advance = original  # type: ignore[method-assign]
+    assert r.status_code == 200 and lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2].removeprefix("data: "))["error"]
+    assert error["type"] == "server_error" and "injected" in error["message"]
+
+
+def test_a_client_that_hangs_up_stops_its_decoding(tiny_engine: Engine) -> None:
+    """A non-streamed request whose client gave up is cancelled: the engine stops decoding it long before its
+    token budget is spent."""
+    from fedlm.cloud import engine as engine_module
+
+    original = engine_module._Batch.step
+
+    def slow_step(self: object) -> None:  # 20 ms a token: 200 tokens would take 4 s
+        time.sleep(0.02)
+        original(self)
+
+    body = {"model": MODEL, "prompt": "Once upon a time", "max_tokens": 200, "temperature": 0}
+    engine_module._Batch.step = slow_step  # type: ignore[method-assign]
+    try:
+        with background_service(tiny_engine) as url:
+            before = len(tiny_engine.batch_sizes)
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(url + "/completions", json=body, timeout=0.5)
+            time.sleep(0.6)  # the server notices within its poll interval, then the engine drops the request
+            steps = len(tiny_engine.batch_sizes) - before
+            time.sleep(0.6)
+            assert len(tiny_engine.batch_sizes) - before == steps, "the engine kept decoding for a client that left"
+    finally:
+        engine_module._Batch.step = original  # type: ignore[method-assign]
+    assert 0 < steps < 100
 
 
 def test_unknown_model_is_404_and_malformed_json_is_400(http: httpx.Client) -> None:

@@ -9,7 +9,8 @@ import os
 import typer
 from rich.console import Console
 
-from fedlm.cli.options import ApiKey, Json, Weights, api_key_or_env, egress_gate
+from fedlm.cli.options import ApiKey, Json, Weights, api_key_or_env, egress_gate, warn_if_open
+from fedlm.cloud.server import Limits
 from fedlm.models import CLOUD_DEFAULT
 
 app = typer.Typer(help="The OpenAI-compatible cloud service and client.", no_args_is_help=True)
@@ -27,23 +28,27 @@ def serve(
     weights: Weights = typer.Option(
         Weights.float32, "--weights", help="Weights as served; logprobs are float32 either way."
     ),
+    max_body_bytes: int = typer.Option(
+        Limits.max_body_bytes, "--max-body-bytes", min=1, help="Larger request bodies get a 413."
+    ),
+    max_tokens_limit: int = typer.Option(
+        Limits.max_tokens, "--max-tokens-limit", min=1, help="The most tokens one request may ask to generate."
+    ),
 ) -> None:
     """Serve MODEL at http://HOST:PORT/v1 (models, completions, chat/completions) and /health."""
     from fedlm.cloud.engine import Engine
     from fedlm.cloud.service import serve as run_service
     from fedlm.models import load_weights
 
+    key = api_key if api_key is not None else os.environ.get("FEDLM_API_KEY")
+    console = Console(stderr=True)
+    warn_if_open(console, host, key)
     loaded = load_weights(model, weights.value)
-    Console(stderr=True).print(
+    console.print(
         f"[bold]fedlm cloud[/] serving {model!r} with {weights.value} weights on http://{host}:{port}/v1 "
         f"(loaded in {loaded.load_seconds:.1f}s)"
     )
-    run_service(
-        Engine(loaded, max_batch=max_batch),
-        host,
-        port,
-        api_key if api_key is not None else os.environ.get("FEDLM_API_KEY"),
-    )
+    run_service(Engine(loaded, max_batch=max_batch), host, port, key, Limits(max_body_bytes, max_tokens_limit))
 
 
 @app.command()

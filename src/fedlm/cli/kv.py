@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedlm import atomic
-from fedlm.cli.options import Json, egress_gate
+from fedlm.cli.options import Json, egress_gate, warn_if_open
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
 
 app = typer.Typer(help="KV-cache communication: transmitter service and wire blobs.", no_args_is_help=True)
@@ -57,11 +57,14 @@ def serve(
     from fedlm.kvcomm.service import serve as run_service
     from fedlm.models import load
 
+    key = api_key if api_key is not None else os.environ.get("FEDLM_API_KEY")
+    console = Console(stderr=True)
+    warn_if_open(console, host, key)
     loaded = load(model)
-    Console(stderr=True).print(
+    console.print(
         f"[bold]fedlm kv[/] transmitting {model!r} on http://{host}:{port}/v1/kv (loaded in {loaded.load_seconds:.1f}s)"
     )
-    run_service(loaded, host, port, api_key if api_key is not None else os.environ.get("FEDLM_API_KEY"))
+    run_service(loaded, host, port, key)
 
 
 @app.command()

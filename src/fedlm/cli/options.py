@@ -9,6 +9,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Console
 
 from fedlm.cloud.client import default_api_key
 from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
@@ -75,3 +76,13 @@ def egress_gate(privacy: Policy | None) -> EgressGate:
         return EgressGate(privacy or Policy.parse(os.environ.get("FEDLM_PRIVACY") or "off"))
     except ValueError as err:  # a bad $FEDLM_PRIVACY
         raise typer.BadParameter(str(err), param_hint="$FEDLM_PRIVACY") from err
+
+
+def warn_if_open(console: Console, host: str, api_key: str | None) -> None:
+    """Warn loudly when a service is reachable beyond this machine and anyone may use it."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return
+    console.print(
+        f"[bold red]WARNING[/]: listening on {host}, beyond this machine, with no API key: anyone who can reach it "
+        "can use it. Pass --api-key (or set $FEDLM_API_KEY), or bind 127.0.0.1."
+    )

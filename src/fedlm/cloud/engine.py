@@ -27,6 +27,8 @@ from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_prompt_ids, chat_stops
 from fedlm.models.token_bytes import complete_prefix_len, token_bytes_table, token_starts, token_text
 
+GREEDY_TEMPERATURE = 1e-4
+
 
 class ContextLengthError(ValueError):
     """The prompt plus the requested tokens do not fit the model's context."""
@@ -323,7 +325,11 @@ class _Batch:
     def advance(self, logprobs: torch.Tensor) -> None:
         for row, state in enumerate(self.states):
             if not state.done:
-                self.next_ids[row] = state.advance(logprobs[row])
+                try:
+                    self.next_ids[row] = state.advance(logprobs[row])
+                except Exception as err:  # one request's own failure (its sampling, its stop strings) is its own
+                    state.fail(err)
+                    self.next_ids[row] = self.engine.pad_id
 
     def step(self) -> None:
         """One forward pass for every row, then one new token each."""
@@ -393,14 +399,21 @@ class _RowState:
         self.request.emit(StreamEvent(prompt=tuple(scored), finish_reason="length" if self.done else None))
 
     def _sample(self, logprobs: torch.Tensor) -> int:
-        if self.params.temperature <= 0:
+        # below GREEDY_TEMPERATURE the distribution is one-hot to float precision, and dividing by it overflows
+        if self.params.temperature < GREEDY_TEMPERATURE:
             return int(logprobs.argmax())
-        probs = (logprobs / self.params.temperature).softmax(-1)
+        probs = (logprobs.double() / self.params.temperature).softmax(-1)
         if self.params.top_p < 1.0:
             sorted_probs, order = probs.sort(descending=True)
             keep = sorted_probs.cumsum(-1) - sorted_probs < self.params.top_p
+            keep[0] = True  # the most likely token always stays, however small top_p is
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+    def fail(self, err: Exception) -> None:
+        """End this request with an error, leaving the others in its batch to go on."""
+        self.done = True
+        self.request.emit(StreamEvent(error=f"{type(err).__name__}: {err}"))
 
     def advance(self, logprobs: torch.Tensor) -> int:
         """Pick the next token, emit whatever text is now final, and return the token id."""

@@ -8,16 +8,44 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 MAX_TOP_LOGPROBS = 20  # OpenAI's own ceiling for top_logprobs
 MAX_STOP_SEQUENCES = 4
 
 
+def _unicode(value: str) -> str:
+    """Text must be Unicode that UTF-8 can carry: JSON lets a client send a lone surrogate ("\\ud800"), which no
+    tokenizer reads."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"not valid Unicode: a lone surrogate at character {err.start}") from err
+    return value
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+NonEmptyText = Annotated[str, Field(min_length=1), AfterValidator(_unicode)]
+
+
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A request: unknown fields are refused, and so is a value of the wrong JSON type (no "5" for 5, no 1 for
+    true): what the schema says is what is accepted."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def whole_number(value: Any) -> Any:
+    """JSON Schema counts 5.0 as an integer; so does a request. (Put it after the bounds in `Annotated`, or the
+    schema loses them.)"""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Count = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
+TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(whole_number)]
+Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(whole_number)]  # what a 64-bit generator takes
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------
@@ -39,12 +67,12 @@ class ErrorResponse(BaseModel):
 
 class SamplingFields(Strict):
     model: str
-    max_tokens: int | None = Field(default=None, ge=0)
+    max_tokens: Count | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: Literal[1] = 1
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
+    seed: Seed | None = None
     stream: bool = False
     user: str | None = None
     presence_penalty: Literal[0, 0.0] = 0.0
@@ -53,23 +81,19 @@ class SamplingFields(Strict):
     @field_validator("stop")
     @classmethod
     def _stop_list(cls, value: str | list[str] | None) -> list[str]:
-        stops = [value] if isinstance(value, str) else list(value or [])
-        if len(stops) > MAX_STOP_SEQUENCES or any(not s for s in stops):
-            raise ValueError(f"stop takes at most {MAX_STOP_SEQUENCES} non-empty strings")
-        return stops
+        return [value] if isinstance(value, str) else list(value or [])
 
 
 # ---- /v1/completions ------------------------------------------------------------------------------------------
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
-    max_tokens: int = Field(default=16, ge=0)
-    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    prompt: NonEmptyText | Annotated[list[NonEmptyText], Field(min_length=1, max_length=1)]  # one prompt a request
+    max_tokens: Count = 16
+    logprobs: TopK | None = None
     echo: bool = False
-    logprob_start_char: int | None = Field(
+    logprob_start_char: Count | None = Field(
         default=None,
-        ge=0,
         description="fedlm extension, in the spirit of SGLang's logprob_start_len: with echo, only the prompt tokens "
         "that carry a character at or after this offset are scored; earlier ones come back with null logprobs, and "
         "the model's LM head does not run there. A client that re-sends a growing text asks for the new tail only.",
@@ -78,13 +102,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _one_prompt(cls, value: str | list[str]) -> str:
-        if isinstance(value, list):
-            if len(value) != 1:
-                raise ValueError("send one prompt per request (a list of exactly one string is accepted)")
-            value = value[0]
-        if not value:
-            raise ValueError("prompt must not be empty")
-        return value
+        return value[0] if isinstance(value, list) else value
 
 
 class CompletionLogprobs(BaseModel):
@@ -125,13 +143,13 @@ class CompletionResponse(BaseModel):
 
 class TextPart(Strict):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -143,16 +161,12 @@ class StreamOptions(Strict):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: Count | None = None
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+    top_logprobs: TopK | None = Field(
+        default=None, description="Candidates per token; applies with logprobs=true only."
+    )
     stream_options: StreamOptions | None = None
-
-    @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatCompletionRequest:
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs=true")
-        return self
 
     def token_budget(self, default: int) -> int:
         for value in (self.max_completion_tokens, self.max_tokens):

@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
 import secrets
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BeforeValidator, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.engine import Completion, ContextLengthError, Engine, SamplingParams, TokenLogprob
 from fedlm.models.token_bytes import token_starts
 
 DEFAULT_CHAT_MAX_TOKENS = 256
+DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
+T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
@@ -38,30 +46,39 @@ class APIError(Exception):
         )
 
 
+# every error status a route may answer with, documented in the schema with the body it carries
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": p.ErrorResponse, "description": "A field is missing or invalid, or the prompt does not fit."},
+    401: {"model": p.ErrorResponse, "description": "Missing or wrong API key (only when the server has one)."},
+    404: {"model": p.ErrorResponse, "description": "The model is not served here."},
+    413: {"model": p.ErrorResponse, "description": "The request body is over the server's limit."},
+}
+# with `stream: true`: server-sent events, each a JSON chunk, then `[DONE]`
+STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {}}}}}
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of a server: its body's size, and how many tokens it may generate."""
+
+    max_body_bytes: int = 4 * 2**20
+    max_tokens: int = 4096
+
+
 def _error(
     status: int, message: str, type_: str = "invalid_request_error", param: str | None = None, code: str | None = None
 ) -> JSONResponse:
     return JSONResponse(p.dump(APIError(status, message, type_, param, code).body), status_code=status)
 
 
-def openai_app(title: str, api_key: str | None = None) -> FastAPI:
+def openai_app(title: str, api_key: str | None = None, max_body_bytes: int = Limits.max_body_bytes) -> FastAPI:
     """A FastAPI app that speaks OpenAI's conventions: bearer auth on `/v1/*`, and every error (a bad key, a bad
-    field, an `APIError` raised by a route) as an OpenAI error body with the status it deserves, never a 5xx for
-    the client's mistake. The cloud service and the KV transmitter both start from it."""
-    app = FastAPI(title=title, version="1")
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next: Any) -> Any:
-        if api_key and request.url.path.startswith("/v1/"):
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not secrets.compare_digest(token.encode(), api_key.encode()):
-                return _error(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
-                    "authentication_error",
-                    code="invalid_api_key",
-                )
-        return await call_next(request)
+    field, a body over `max_body_bytes`, an `APIError` raised by a route) as an OpenAI error body with the status it
+    deserves, never a 5xx for the client's mistake. The cloud service and the KV transmitter both start from it."""
+    app = FastAPI(title=title, version="1", responses=ERROR_RESPONSES)
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if api_key:
+        app.add_middleware(BearerAuth, api_key=api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
@@ -70,21 +87,102 @@ def openai_app(title: str, api_key: str | None = None) -> FastAPI:
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _type_tag(part)]
         param = ".".join(loc) or None
         return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return _error(
-            err.status_code, str(err.detail), "invalid_request_error" if err.status_code < 500 else "server_error"
-        )
+        kind = "invalid_request_error" if err.status_code < 500 else "server_error"
+        response = _error(err.status_code, str(err.detail), kind)
+        response.headers.update(err.headers or {})  # a 405 keeps its Allow header
+        return response
 
     return app
 
 
-def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
-    app = openai_app("fedlm cloud", api_key)
+class BearerAuth:
+    """Require `Authorization: Bearer <key>` on `/v1/*`, the key compared in constant time. Plain ASGI, so what
+    passes is untouched: a route still sees its client hang up (`Request.is_disconnected`)."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app, self.api_key = app, api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").partition(b" ")
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token, self.api_key):
+                response = _error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                    "authentication_error",
+                    code="invalid_api_key",
+                )
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _type_tag(part: object) -> bool:
+    """Whether a part of a validation error's location names a type pydantic tried (a union member such as `str`,
+    `list[str]` or `function-after[...]`), not a field: the client is told the field alone."""
+    return isinstance(part, str) and (not part.isidentifier() or part in {"str", "int", "float", "bool", "list"})
+
+
+class BodyLimit:
+    """Refuse a request body over `max_bytes` with a 413 before it is read into memory: by its Content-Length when
+    it declares one, else as its chunks arrive."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._refuse(scope, receive, send)
+            return
+        seen, refused = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:  # answer now, and tell the app its client has gone
+                    refused = True
+                    await self._refuse(scope, receive, send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def unless_refused(message: Message) -> None:
+            if not refused:  # whatever the app answers after the 413 went out is dropped
+                await send(message)
+
+        await self.app(scope, counted, unless_refused)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = _error(413, f"the request body is over this server's limit of {self.max_bytes:,} bytes")
+        await response(scope, receive, send)
+
+
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Response:
+    """`work`'s result, or a bare 499 once the client has hung up: the work is cancelled then, so a request nobody
+    waits for stops decoding (the engine drops a request whose stream was cancelled)."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            return Response(status_code=499)  # "client closed request": no one reads it
+
+
+def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+    app = openai_app("fedlm cloud", api_key, limits.max_body_bytes)
 
     def check_model(name: str) -> None:
         if name != engine.name:
@@ -109,10 +207,19 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
     async def models() -> dict[str, Any]:
         return p.dump(p.ModelList(data=[p.ModelCard(id=engine.name, max_model_len=engine.max_model_len)]))
 
-    @app.post("/v1/completions")
-    async def completions(body: p.CompletionRequest) -> Any:
+    # the schema states this server's generation limit, so a request over it is invalid on its face
+    budget = Annotated[int, Field(ge=0, le=limits.max_tokens), BeforeValidator(p.whole_number)]
+    completion_request = create_model("CompletionRequest", __base__=p.CompletionRequest, max_tokens=(budget, 16))
+    chat_request = create_model(
+        "ChatCompletionRequest",
+        __base__=p.ChatCompletionRequest,
+        max_tokens=(budget | None, None),
+        max_completion_tokens=(budget | None, None),
+    )
+
+    async def completions(body: p.CompletionRequest, request: Request) -> Any:
         check_model(body.model)
-        ids = engine.encode_prompt(body.prompt)
+        ids = await asyncio.to_thread(engine.encode_prompt, body.prompt)  # a long prompt never stalls the loop
         start = body.logprob_start_char
         params = SamplingParams(
             body.max_tokens,
@@ -127,7 +234,9 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         check_length(ids, params, "prompt")
         if body.stream:
             return _sse(_completion_chunks(engine, ids, params, body.prompt))
-        result = await engine.complete(ids, params)
+        result = await _unless_disconnected(request, engine.complete(ids, params))
+        if isinstance(result, Response):
+            return result
         text = (body.prompt if body.echo else "") + result.text
         logprobs = None
         if body.logprobs is not None:
@@ -135,32 +244,37 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
         return p.dump(p.CompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: p.ChatCompletionRequest) -> Any:
+    async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
         top = (body.top_logprobs or 0) if body.logprobs else None
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        ids = await asyncio.to_thread(engine.encode_chat, messages)
+        # no budget given: as many tokens as fit, up to the default, as OpenAI's API does
+        room = max(engine.max_model_len - len(ids), 1)
         params = SamplingParams(
-            body.token_budget(DEFAULT_CHAT_MAX_TOKENS),
+            body.token_budget(min(DEFAULT_CHAT_MAX_TOKENS, room)),
             body.temperature,
             body.top_p,
             body.seed,
             tuple(body.stop or ()) + engine.chat_stop,
             top,
         )
-        ids = engine.encode_chat(
-            [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
-        )
         check_length(ids, params, "messages")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return _sse(_chat_chunks(engine, ids, params, include_usage))
-        result = await engine.complete(ids, params)
+        result = await _unless_disconnected(request, engine.complete(ids, params))
+        if isinstance(result, Response):
+            return result
         logprobs = p.ChoiceLogprobs(content=[_chat_logprob(t) for t in result.tokens]) if body.logprobs else None
         choice = p.ChatChoice(
             message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=result.finish_reason
         )
         return p.dump(p.ChatCompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
+    completions.__annotations__["body"], chat.__annotations__["body"] = completion_request, chat_request
+    app.post("/v1/completions", responses=STREAMED)(completions)
+    app.post("/v1/chat/completions", responses=STREAMED)(chat)
     return app
 
 
@@ -200,9 +314,17 @@ def _chat_logprob(position: TokenLogprob) -> p.ChatTokenLogprob:
 
 
 def _sse(chunks: AsyncIterator[dict[str, Any]]) -> StreamingResponse:
+    """Server-sent events, ended by `[DONE]`. A failure after the 200 went out ends the stream with an error event
+    (an OpenAI error body) before `[DONE]`, so a client never mistakes a cut-off answer for a whole one."""
+
     async def body() -> AsyncIterator[bytes]:
-        async for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        try:
+            async for chunk in chunks:
+                yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n".encode()
+        except Exception as err:  # the 200 is sent: the error must travel in the stream
+            log.exception("a stream failed midway")
+            error = APIError(500, f"the answer failed midway: {type(err).__name__}: {err}", "server_error").body
+            yield f"data: {json.dumps(p.dump(error), separators=(',', ':'))}\n\n".encode()
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -13,13 +13,15 @@ from typing import Any
 import uvicorn
 
 from fedlm.cloud.engine import Engine
-from fedlm.cloud.server import create_app
+from fedlm.cloud.server import Limits, create_app
 
 LOOPBACK = "127.0.0.1"
 
 
-def serve(engine: Engine, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None) -> None:
-    uvicorn.run(create_app(engine, api_key), host=host, port=port, log_level="warning")
+def serve(
+    engine: Engine, host: str = LOOPBACK, port: int = 8000, api_key: str | None = None, limits: Limits = Limits()
+) -> None:
+    uvicorn.run(create_app(engine, api_key, limits), host=host, port=port, log_level="warning")
 
 
 @contextmanager
@@ -46,9 +48,12 @@ def background_app(app: Any, name: str, startup_timeout_s: float = 30.0) -> Iter
 
 
 @contextmanager
-def background_service(engine: Engine, api_key: str | None = None, startup_timeout_s: float = 30.0) -> Iterator[str]:
+def background_service(
+    engine: Engine, api_key: str | None = None, startup_timeout_s: float = 30.0, limits: Limits = Limits()
+) -> Iterator[str]:
     """Serve `engine` on a free 127.0.0.1 port until the block exits; yields the base URL (`http://.../v1`)."""
-    with background_app(create_app(engine, api_key), "the embedded cloud service", startup_timeout_s) as url:
+    app = create_app(engine, api_key, limits)
+    with background_app(app, "the embedded cloud service", startup_timeout_s) as url:
         yield url
 
 

@@ -11,12 +11,12 @@ import asyncio
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import uvicorn
 from fastapi import FastAPI
 from fastapi.responses import Response
-from pydantic import Field
+from pydantic import BeforeValidator, Field, create_model
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.server import APIError, openai_app
@@ -26,6 +26,7 @@ from fedlm.models.loader import LoadedModel
 
 MAX_TEXT_CHARS = 32_000
 BLOB_MEDIA_TYPE = "application/octet-stream"
+BLOB_SCHEMA = {"type": "string", "format": "binary"}
 
 
 class KVRequest(p.Strict):
@@ -34,7 +35,9 @@ class KVRequest(p.Strict):
     model: str
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     format: WireFormat = "fp16"
-    layers: list[int] | None = Field(default=None, min_length=1)
+    layers: list[Annotated[int, Field(ge=0), BeforeValidator(p.whole_number)]] | None = Field(
+        default=None, min_length=1
+    )
 
 
 def create_transmitter_app(
@@ -60,7 +63,12 @@ def create_transmitter_app(
             payload = capture(model, body.text, fingerprint)
         return encode(payload, body.format, body.layers, max_bytes)
 
-    @app.post("/v1/kv")
+    # the schema states this model's layers, so a client (and a fuzzer) knows which may be asked for
+    layer = Annotated[int, Field(ge=0, le=num_layers - 1), BeforeValidator(p.whole_number)]
+    served = create_model(
+        "KVRequest", __base__=KVRequest, layers=(list[layer] | None, Field(default=None, min_length=1))
+    )
+
     async def kv(body: KVRequest) -> Response:
         if body.model != model.name:
             raise APIError(
@@ -69,9 +77,8 @@ def create_transmitter_app(
                 param="model",
                 code="model_not_found",
             )
-        if body.layers is not None and any(not 0 <= layer < num_layers for layer in body.layers):
-            raise APIError(400, f"layers must lie in 0..{num_layers - 1}, got {body.layers}", param="layers")
-        tokens = len(model.tokenizer(body.text, add_special_tokens=True)["input_ids"])
+        encoded = await asyncio.to_thread(model.tokenizer, body.text, add_special_tokens=True)  # off the loop
+        tokens = len(encoded["input_ids"])
         if tokens > max_tokens:
             raise APIError(
                 400,
@@ -85,6 +92,8 @@ def create_transmitter_app(
             raise APIError(400, str(err), param="text", code="kv_too_large") from err
         return Response(blob, media_type=BLOB_MEDIA_TYPE)
 
+    kv.__annotations__["body"] = served
+    app.post("/v1/kv", responses={200: {"content": {BLOB_MEDIA_TYPE: {"schema": BLOB_SCHEMA}}}})(kv)
     return app
 
 
