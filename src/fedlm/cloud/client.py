@@ -180,7 +180,15 @@ class ClientCore:
         self.traffic.bytes_received += response.num_bytes_downloaded
         if not response.is_success:
             raise error_from(self.base_url + path, response)
-        return self.egress.inbound(self.base_url + path, response.json())
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            raise CloudError(
+                f"{self.base_url + path} answered {response.status_code} with no JSON object: {response.text[:200]!r}"
+            )
+        return self.egress.inbound(self.base_url + path, body)
 
     def _models(self) -> Exchange[list[str]]:
         reply = yield from self._json("GET", "/models")

@@ -56,9 +56,21 @@ class CloudToken:
     top: tuple[CloudCandidate, ...]  # most likely first; empty where the server gave none
 
 
+class MalformedLogprobs(CloudError):
+    """The reply's logprobs are in neither shape this client reads."""
+
+
 def read_tokens(response: dict[str, Any], start_offset: int = 0) -> list[CloudToken]:
     """The tokens of a completion's (or chat completion's) first choice, in either shape. With `echo`, offsets
-    count from the start of the prompt; without, from the end of the prompt, so pass `start_offset=len(prompt)`."""
+    count from the start of the prompt; without, from the end of the prompt, so pass `start_offset=len(prompt)`.
+    A reply in another shape is a `MalformedLogprobs`, never a crash in the caller."""
+    try:
+        return _read_tokens(response, start_offset)
+    except (AttributeError, TypeError, KeyError, IndexError, ValueError) as err:
+        raise MalformedLogprobs(f"the reply's logprobs are in no shape this client reads ({err})") from err
+
+
+def _read_tokens(response: dict[str, Any], start_offset: int) -> list[CloudToken]:
     logprobs = (response.get("choices") or [{}])[0].get("logprobs") or {}
     if isinstance(logprobs.get("content"), list):
         return _read_content(logprobs["content"], start_offset)

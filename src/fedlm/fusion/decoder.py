@@ -368,6 +368,12 @@ class FusedDecoder:
             return None, None
         finally:
             result.cloud_calls += 1
+        try:
+            view = link.reader.view(response, answer, draft)
+        except CloudError as err:  # a reply in a shape nobody reads: the cloud is misbehaving
+            self._warn(result, f"cloud failed ({err}); finishing on the edge alone")
+            result.fallbacks += n_drafts
+            return None, None
         if not link.confirmed:
             if found != link.reader.protocol:
                 relinked = self._link(cloud, result)
@@ -376,7 +382,7 @@ class FusedDecoder:
                 )
             link = dataclasses.replace(link, confirmed=True)
         result.cloud_protocol = link.reader.protocol
-        return link.reader.view(response, answer, draft), link
+        return view, link
 
     async def _find_protocol(self, link: _Link, result: FusionResult) -> _Link | None:
         """Ask the server which way it can be read (`AsyncCloudClient.protocol`), counting what that costs."""
