@@ -139,3 +139,27 @@ def test_errors_mirror_the_cloud_client(url: str, tiny_gemma: LoadedModel) -> No
         pytest.raises(CloudUnavailable, match="could not be reached"),
     ):
         client.encode(TEXT)
+
+
+def test_a_text_too_long_for_the_byte_limit_is_refused_before_the_prefill(tiny_llama: LoadedModel) -> None:
+    """The limit used to be checked after the prefill and the encoding: a 32 KB text held the model for minutes
+    before its 400. Now the least size the blob can have is known from the token count, and checked first."""
+    from fastapi.testclient import TestClient
+
+    from fedlm.kvcomm import service
+
+    calls = {"capture": 0}
+    real_capture = service.capture
+
+    def counted_capture(*args: Any, **kwargs: Any) -> Any:
+        calls["capture"] += 1
+        return real_capture(*args, **kwargs)
+
+    client = TestClient(service.create_transmitter_app(tiny_llama, max_bytes=2_000))
+    service.capture = counted_capture  # type: ignore[assignment]
+    try:
+        response = client.post("/v1/kv", json={"model": "tiny-llama", "text": "word " * 30})
+    finally:
+        service.capture = real_capture  # type: ignore[assignment]
+    assert response.status_code == 400 and response.json()["error"]["code"] == "kv_too_large"
+    assert "at least" in response.json()["error"]["message"] and calls["capture"] == 0

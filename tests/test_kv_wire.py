@@ -13,11 +13,14 @@ import torch
 import typer
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from typer.testing import CliRunner
 
 from fedlm.cli import app
 from fedlm.cli.kv import parse_layers
 from fedlm.kvcomm.wire import (
+    FORMAT_VERSION,
     FORMATS,
     KVPayload,
     KVWireError,
@@ -173,7 +176,7 @@ def test_size_limit_on_decode_and_encode(payload: KVPayload) -> None:
 
 def test_wrong_version_and_magic(blob: bytes) -> None:
     version, header, body = split(blob)
-    with pytest.raises(KVWireError, match="version 2 is not supported"):
+    with pytest.raises(KVWireError, match=f"version {version + 1} is not supported"):
         decode(join(version + 1, header, body))
     with pytest.raises(KVWireError, match="not a fedlm KV blob"):
         decode(reseal(b"PK\x03\x04" + blob[4:-32]))
@@ -188,6 +191,25 @@ def test_inconsistent_payloads_are_refused(payload: KVPayload) -> None:
         encode(payload, "int2")  # type: ignore[arg-type]
     with pytest.raises(KVWireError, match="NaN or infinite"):
         encode(KVPayload(**{**payload.__dict__, "values": [v * float("nan") for v in payload.values]}))
+
+
+def test_a_forged_blob_with_nan_values_or_foreign_token_ids_is_refused(tiny_llama: LoadedModel, tmp_path: Path) -> None:
+    """Found by fuzzing: checksummed blobs whose tensors held NaN or infinity, or whose token ids lay past the
+    vocabulary, decoded without complaint (and `fedlm kv inspect` passed them)."""
+    version, header, body = split(encode(capture(tiny_llama, TEXT), "fp16", layers=[1]))
+    tensors = load_tensors(body)
+    tensors["v.1"] = tensors["v.1"].clone()
+    tensors["v.1"][0, 0, 0] = float("nan")
+    poisoned = join(version, header, save_tensors(tensors))
+    with pytest.raises(KVWireError, match="NaN or infinite"):
+        decode(poisoned)
+    foreign = join(version, {**header, "token_ids": [header["vocab_size"], *header["token_ids"][1:]]}, body)
+    with pytest.raises(KVWireError, match="token ids must lie in"):
+        decode(foreign)
+    for bad in (poisoned, foreign):
+        path = tmp_path / "bad.kv"
+        path.write_bytes(bad)
+        assert CliRunner().invoke(app, ["kv", "inspect", str(path)]).exit_code != 0
 
 
 def test_the_header_tells_the_body_apart(blob: bytes) -> None:
@@ -302,7 +324,7 @@ def test_cli_encode_then_inspect(tiny_model_dir: Path, tmp_path: Path) -> None:
 
 def test_cli_inspect_refuses_a_bad_blob(tmp_path: Path) -> None:
     bad = tmp_path / "bad.kv"
-    bad.write_bytes(b"FLKV\x00\x01" + b"\x00" * 64)
+    bad.write_bytes(b"FLKV" + FORMAT_VERSION.to_bytes(2, "big") + b"\x00" * 64)
     result = CliRunner().invoke(app, ["kv", "inspect", str(bad)], env=WIDE)
     assert result.exit_code == 2 and "not a valid KV blob" in result.output
     assert "checksum mismatch" in result.output

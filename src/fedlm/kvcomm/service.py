@@ -21,7 +21,16 @@ from pydantic import BeforeValidator, Field, create_model
 from fedlm.cloud import protocol as p
 from fedlm.cloud.server import APIError, openai_app
 from fedlm.cloud.service import LOOPBACK, background_app
-from fedlm.kvcomm.wire import DEFAULT_MAX_BYTES, KVWireError, WireFormat, capture, encode, model_fingerprint
+from fedlm.kvcomm.fuser import kv_layout
+from fedlm.kvcomm.wire import (
+    DEFAULT_MAX_BYTES,
+    KVWireError,
+    WireFormat,
+    capture,
+    encode,
+    least_bytes,
+    model_fingerprint,
+)
 from fedlm.models.loader import LoadedModel
 
 MAX_TEXT_CHARS = 32_000
@@ -47,7 +56,8 @@ def create_transmitter_app(
     app = openai_app("fedlm kv transmitter", api_key)
     fingerprint = model_fingerprint(model)
     config = model.model.config
-    num_layers, max_tokens = config.num_hidden_layers, config.max_position_embeddings
+    max_tokens = config.max_position_embeddings
+    num_layers, kv_heads, head_dim = kv_layout(model.model)
     forward_lock = threading.Lock()  # one forward at a time: the model is not re-entrant and the CPU is shared
 
     @app.get("/health")
@@ -85,6 +95,16 @@ def create_transmitter_app(
                 f"the text is {tokens} tokens; this model reads at most {max_tokens}",
                 param="text",
                 code="context_length_exceeded",
+            )
+        layers = body.layers or list(range(num_layers))
+        floor = least_bytes([kv_heads] * num_layers, [head_dim] * num_layers, tokens, body.format, layers)
+        if floor > max_bytes:  # refused before the prefill, which would cost minutes on a long text
+            raise APIError(
+                400,
+                f"the blob would take at least {floor:,} bytes, over this transmitter's {max_bytes:,}-byte limit: "
+                "send fewer tokens or layers, or a smaller format (int8, int4)",
+                param="text",
+                code="kv_too_large",
             )
         try:
             blob = await asyncio.to_thread(read, body)

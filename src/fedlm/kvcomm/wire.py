@@ -32,7 +32,7 @@ from fedlm.models.token_bytes import token_bytes_table, token_starts
 
 WireFormat = Literal["fp16", "int8", "int4"]
 FORMATS: tuple[str, ...] = get_args(WireFormat)
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header states the vocabulary size, and every token id is checked against it
 MAGIC = b"FLKV"
 DEFAULT_MAX_BYTES = 128 * 2**20  # about 7k tokens of Gemma-3-270M in fp16
 MAX_LAYERS = 1024
@@ -71,11 +71,12 @@ class WireHeader(_Frozen):
     text: str
     token_ids: list[int] = Field(min_length=1)
     spans: list[tuple[int, int]]  # each token's [start, end) characters in `text`
+    vocab_size: int = Field(ge=1)  # the transmitter's tokenizer: every token id lies below it
 
     @model_validator(mode="after")
     def _consistent(self) -> WireHeader:
         _check_layout(self.num_layers, self.layers, len(self.layout))
-        _check_tokens(self.text, self.token_ids, self.spans)
+        _check_tokens(self.text, self.token_ids, self.spans, self.vocab_size)
         return self
 
     @property
@@ -92,11 +93,11 @@ def _check_layout(num_layers: int, layers: list[int], layout_len: int) -> None:
         raise ValueError(f"layers must lie in 0..{num_layers - 1}, got {layers[0]}..{layers[-1]}")
 
 
-def _check_tokens(text: str, token_ids: list[int], spans: list[tuple[int, int]]) -> None:
+def _check_tokens(text: str, token_ids: list[int], spans: list[tuple[int, int]], vocab_size: int) -> None:
     if len(spans) != len(token_ids):
         raise ValueError(f"{len(token_ids)} token ids but {len(spans)} spans")
-    if any(t < 0 for t in token_ids):
-        raise ValueError("token ids must be non-negative")
+    if any(not 0 <= t < vocab_size for t in token_ids):
+        raise ValueError(f"token ids must lie in 0..{vocab_size - 1}, the transmitter's vocabulary")
     if any(not 0 <= start <= end <= len(text) for start, end in spans):
         raise ValueError(f"a span falls outside the text ({len(text)} characters)")
 
@@ -121,13 +122,14 @@ class KVPayload:
     sliding_window: list[int | None]
     kv_heads: list[int]
     head_dims: list[int]
+    vocab_size: int
 
     def __post_init__(self) -> None:
         try:
             _check_layout(self.num_layers, list(self.layers), len(self.sliding_window))
             if not len(self.kv_heads) == len(self.head_dims) == self.num_layers:
                 raise ValueError(f"kv_heads and head_dims need one entry per layer ({self.num_layers})")
-            _check_tokens(self.text, self.token_ids, self.spans)
+            _check_tokens(self.text, self.token_ids, self.spans, self.vocab_size)
             if not len(self.keys) == len(self.values) == len(self.layers):
                 raise ValueError(
                     f"{len(self.layers)} layers present but {len(self.keys)} keys, {len(self.values)} values"
@@ -222,6 +224,7 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
         sliding_window=[getattr(layer, "sliding_window", None) if layer.is_sliding else None for layer in cache.layers],
         kv_heads=[k.shape[0] for k in keys],
         head_dims=[k.shape[-1] for k in keys],
+        vocab_size=len(loaded.tokenizer),
     )
 
 
@@ -294,6 +297,7 @@ def encode(
         text=payload.text,
         token_ids=list(payload.token_ids),
         spans=[tuple(s) for s in payload.spans],
+        vocab_size=payload.vocab_size,
     )
     tensors: dict[str, torch.Tensor] = {}
     for layer in keep:
@@ -388,6 +392,8 @@ def decode(blob: bytes, expect_fingerprint: str | None = None, max_bytes: int = 
             else:
                 parts = {suffix: tensors[name + suffix] for suffix in ("", ".scale", ".zero")}
                 out.append(_dequantize(parts, _BITS[header.format], header.layout[layer].head_dim))
+            if not torch.isfinite(out[-1]).all():
+                raise KVWireError(f"tensor {name} holds NaN or infinite values")
     return KVPayload(
         model=header.model,
         fingerprint=header.fingerprint,
@@ -401,7 +407,15 @@ def decode(blob: bytes, expect_fingerprint: str | None = None, max_bytes: int = 
         sliding_window=[entry.sliding_window for entry in header.layout],
         kv_heads=[entry.kv_heads for entry in header.layout],
         head_dims=[entry.head_dim for entry in header.layout],
+        vocab_size=header.vocab_size,
     )
+
+
+def least_bytes(kv_heads: list[int], head_dims: list[int], tokens: int, fmt: WireFormat, layers: list[int]) -> int:
+    """The fewest bytes a blob of `tokens` tokens in `fmt` with `layers` can take (its tensors alone), known before
+    any cache is computed: a request that cannot fit is refused before the prefill, not after it."""
+    per_value = {"fp16": 2.0, "int8": 1.0, "int4": 0.5}[fmt]
+    return int(sum(2 * kv_heads[layer] * head_dims[layer] * tokens * per_value for layer in layers))
 
 
 def bytes_per_token(payload: KVPayload, fmt: WireFormat = "fp16", layers: list[int] | None = None) -> float:
