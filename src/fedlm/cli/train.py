@@ -42,6 +42,9 @@ def train_command(
     dp_epsilon: float = typer.Option(0.0, "--dp-epsilon", min=0.0, help="Client-level DP budget (0: off)."),
     seq_len: int = typer.Option(64, "--seq-len", min=8),
     max_texts: int = typer.Option(64, "--max-texts", min=4, help="Texts per client, train and held-out."),
+    min_replies: int = typer.Option(
+        1, "--min-replies", min=1, help="Fewest usable updates a round needs; failing devices are left out to this."
+    ),
     out: Path = typer.Option(Path("runs/federated"), "--out", help="Metrics, adapters and checkpoint go here."),
 ) -> None:
     """Train LoRA adapters across devices; OUT gets metrics.json, clients/<id>/ and clusters/<id>/ adapters."""
@@ -72,6 +75,7 @@ def train_command(
         dp_epsilon=dp_epsilon,
         seq_len=seq_len,
         max_texts=max_texts,
+        min_replies=min_replies,
         out=str(out),
     )
     console = Console()

@@ -26,6 +26,7 @@ class TrainConfig:
     dp_clip: float = 1.0
     max_texts: int = 64
     seed: int = 0
+    min_replies: int = 1  # the fewest usable updates a round needs; nodes that fail are left out down to this
     out: str = "runs/federated"
 
     @property
@@ -50,4 +51,4 @@ class TrainConfig:
 
     def fingerprint(self) -> dict:
         """What must match for a checkpoint to be resumed (rounds and output folder may change)."""
-        return {k: v for k, v in self.to_flat().items() if k not in {"rounds", "out"}}
+        return {k: v for k, v in self.to_flat().items() if k not in {"rounds", "out", "min_replies"}}

@@ -9,7 +9,9 @@ strategy keeps one global adapter per cluster itself. After every round the stat
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +26,11 @@ from fedlm.federated.client_app import from_record, to_record
 from fedlm.federated.clustering import choose_clusters, purity, update_similarity
 from fedlm.federated.config import TrainConfig
 from fedlm.federated.local import perplexity
+from fedlm.federated.validation import LeftOut, screen
 
 NODE_WAIT_SECONDS = 600.0
 REPLY_TIMEOUT_SECONDS = 3600.0
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -82,18 +86,34 @@ class HeteroLoraStrategy:
         return self._messages("evaluate", server_round)
 
     def aggregate_train(self, server_round: int, replies: list[Message]) -> dict:
-        """Aggregate per cluster (clustering first, in the round where it is due); return the round's record."""
-        replies = _checked(replies)
+        """Aggregate per cluster (clustering first, in the round where it is due); return the round's record.
+
+        A node that failed, did not reply in time, or sent an update that fails `validation.screen` is logged and
+        left out, as long as `min_replies` updates remain; the record names who was left out and why."""
+        replies, left_out = _sorted_replies(replies, self.by_node)
         nodes = [self.by_node[reply.metadata.src_node_id] for reply in replies]
         trained = [from_record(reply.content["arrays"]) for reply in replies]
         starts = [self.slice_for(node) for node in nodes]
+        kept, rejected = screen([node.node_id for node in nodes], trained, starts)
+        left_out += rejected
+        replies, nodes = [replies[i] for i in kept], [nodes[i] for i in kept]
+        trained, starts = [trained[i] for i in kept], [starts[i] for i in kept]
+        if len(replies) < self.config.min_replies:
+            reasons = "; ".join(f"node {entry.node_id}: {entry.reason}" for entry in left_out)
+            raise RuntimeError(
+                f"round {server_round}: {len(replies)} usable updates, fewer than min_replies="
+                f"{self.config.min_replies} ({reasons})"
+            )
         similarity = None
         if self.config.cluster == "auto" and not self.state.clustered:
             similarity = update_similarity(trained, starts)
-            labels = choose_clusters(similarity, self.config.max_clusters)
+            labels = [int(label) for label in choose_clusters(similarity, self.config.max_clusters)]
             start = self.state.globals[0]
-            self.state.cluster_of = {node.partition_id: int(label) for node, label in zip(nodes, labels, strict=True)}
-            self.state.globals = {int(label): start for label in set(labels.tolist())}
+            # a node left out of this round joins the largest cluster; its later updates count there
+            largest = max(set(labels), key=labels.count)
+            self.state.cluster_of = {node.partition_id: largest for node in self.nodes}
+            self.state.cluster_of |= {node.partition_id: label for node, label in zip(nodes, labels, strict=True)}
+            self.state.globals = {label: start for label in set(labels)}
             self.state.clustered = True
         clients = []
         for cluster in sorted(self.state.globals):
@@ -131,6 +151,7 @@ class HeteroLoraStrategy:
                 str(k): sorted(p for p, c in self.state.cluster_of.items() if c == k) for k in self.state.globals
             },
             "purity": purity([c["cluster"] for c in clients], tasks),
+            "left_out": [self._left_out(entry) for entry in left_out],
         }
         if similarity is not None:
             order = np.argsort([node.partition_id for node in nodes])  # rows and columns in partition order
@@ -138,20 +159,42 @@ class HeteroLoraStrategy:
         return record
 
     def aggregate_evaluate(self, record: dict, replies: list[Message]) -> None:
-        """Add each node's held-out loss of its new cluster slice ("global") to the round's record."""
+        """Add each node's held-out loss of its new cluster slice ("global") to the round's record; a node that
+        failed to evaluate is named under `evaluate_left_out`."""
         by_pid = {c["partition_id"]: c for c in record["clients"]}
-        for reply in _checked(replies):
+        replies, left_out = _sorted_replies(replies, self.by_node)
+        for reply in replies:
             loss = float(reply.content["metrics"]["loss"])
-            client = by_pid[self.by_node[reply.metadata.src_node_id].partition_id]
-            client["global_loss"], client["global_ppl"] = loss, perplexity(loss)
+            client = by_pid.get(self.by_node[reply.metadata.src_node_id].partition_id)
+            if client is not None:  # a node left out of training has no row to add to
+                client["global_loss"], client["global_ppl"] = loss, perplexity(loss)
+        record["evaluate_left_out"] = [self._left_out(entry) for entry in left_out]
+
+    def _left_out(self, entry: LeftOut) -> dict:
+        node = self.by_node.get(entry.node_id)
+        return {
+            "node_id": entry.node_id,
+            "partition_id": node.partition_id if node else None,
+            "name": node.name if node else None,
+            "reason": entry.reason,
+        }
 
 
-def _checked(replies) -> list[Message]:
-    replies = list(replies)
-    errors = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in replies if r.has_error()]
-    if errors:
-        raise RuntimeError("client failed: " + "; ".join(errors))
-    return replies
+def _sorted_replies(replies: Iterable[Message], expected: Mapping[int, object]) -> tuple[list[Message], list[LeftOut]]:
+    """The replies to use, and every expected node left out: its reply carried an error, or it sent none in time.
+    Each is logged, as Flower's strategies log failures, and none stops the run."""
+    used, left_out, seen = [], [], set()
+    for reply in replies:
+        node_id = reply.metadata.src_node_id
+        seen.add(node_id)
+        if reply.has_error():
+            left_out.append(LeftOut(node_id, f"its reply carried an error: {reply.error.reason}"))
+        elif node_id in expected:
+            used.append(reply)
+    left_out += [LeftOut(node_id, "no reply within the round's timeout") for node_id in expected if node_id not in seen]
+    for entry in left_out:
+        log.warning("node %s left out: %s", entry.node_id, entry.reason)
+    return used, left_out
 
 
 def _wait_for_nodes(grid: Grid, count: int) -> list[int]:
@@ -173,7 +216,12 @@ def discover(grid: Grid, config: TrainConfig) -> list[NodeInfo]:
         for node_id in _wait_for_nodes(grid, config.clients)
     ]
     nodes = []
-    for reply in _checked(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_SECONDS)):
+    expected = {message.metadata.dst_node_id: None for message in messages}
+    replies, left_out = _sorted_replies(grid.send_and_receive(messages, timeout=REPLY_TIMEOUT_SECONDS), expected)
+    if len(replies) < config.min_replies:
+        reasons = "; ".join(f"node {entry.node_id}: {entry.reason}" for entry in left_out)
+        raise RuntimeError(f"{len(replies)} nodes answered, fewer than min_replies={config.min_replies} ({reasons})")
+    for reply in replies:
         info = reply.content["info"]
         nodes.append(
             NodeInfo(
