@@ -1,7 +1,14 @@
 """A real Flower Simulation Runtime run: tiny model, 3 clients of different ranks, 2 rounds, then a resume."""
 
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 from peft import PeftModel
@@ -78,3 +85,61 @@ def test_resume_runs_only_the_missing_rounds(run):
     after = json.loads((config.out_path / "metrics.json").read_text())
     assert [r["round"] for r in after] == [1, 2, 3]
     assert after[:2] == before  # rounds 1-2 come from the checkpoint, not from training again
+
+
+def _descendants(root: int) -> set[int]:
+    """Every process below `root`, from /proc's parent links."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            found.add(child)
+            stack.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has stopped; only its parent's wait is missing
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are listed from /proc")
+def test_a_sigkilled_train_takes_its_simulation_with_it(tmp_path: Path) -> None:
+    """`fedlm train` killed with SIGKILL runs no cleanup of its own: its simulation (the runtime child and Ray)
+    used to run on as orphans and finish the round into the same --out. Now they die with it."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "fedlm", "train", "--model", str(save_tiny(tmp_path / "tiny")), "--data", "mix"]
+    command += ["--clients", "2", "--rounds", "50", "--local-steps", "20", "--max-texts", "8", "--out", str(out)]
+    train = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline, below = time.monotonic() + 120, set()
+        while time.monotonic() < deadline and not (out / "metrics.json").exists():  # a round is done: Ray is up
+            below |= _descendants(train.pid)
+            time.sleep(0.5)
+        below |= _descendants(train.pid)
+        assert (out / "metrics.json").exists() and len(below) >= 2, "the simulation never got going"
+        train.kill()
+        train.wait()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_alive(pid) for pid in below):
+            time.sleep(0.5)
+        survivors = {pid: Path(f"/proc/{pid}/cmdline").read_bytes()[:120] for pid in below if _alive(pid)}
+        assert not survivors, f"processes of the killed run live on: {survivors}"
+        rounds = len(json.loads((out / "metrics.json").read_text()))
+        time.sleep(3)
+        assert len(json.loads((out / "metrics.json").read_text())) == rounds  # nothing writes to --out any more
+    finally:
+        for pid in _descendants(train.pid) | {train.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)

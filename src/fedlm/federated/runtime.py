@@ -8,11 +8,14 @@ connection stays on 127.0.0.1. The deployment launcher stops exactly the process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +25,7 @@ from fedlm.federated.config import TrainConfig
 from fedlm.models.cache import cache_root
 
 LOOPBACK = "127.0.0.1"
+LIFELINE_ENV = "FEDLM_LIFELINE_FD"  # the simulation child's end of a pipe its parent holds open while it lives
 RAY_BOOTSTRAP = "provider:\n  type: local\n"
 
 
@@ -76,18 +80,41 @@ def run_simulation(config: TrainConfig, on_round: Callable[[int], None] = lambda
     logs.mkdir(parents=True, exist_ok=True)
     env = offline_env(out / ".home")
     command = [sys.executable, "-m", "fedlm.federated.runtime", json.dumps(config.to_flat())]
+    lifeline, held = os.pipe()  # the child's read end sees EOF the moment this process is gone, however it went
+    env[LIFELINE_ENV] = str(lifeline)
     with (logs / "simulation.log").open("w") as log:
-        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        child = subprocess.Popen(
+            command, env=env, stdout=log, stderr=subprocess.STDOUT, pass_fds=(lifeline,), start_new_session=True
+        )
+        os.close(lifeline)
         try:
             _watch([child], out, on_round, lambda: child.poll() is not None)
         finally:
             if child.poll() is None:
-                child.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.pid, signal.SIGTERM)  # the child and Ray, which run in its process group
                 child.wait(timeout=30)
+            os.close(held)
     if child.returncode != 0:
         tail = (logs / "simulation.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"simulation failed (exit {child.returncode}):\n{tail}")
     return out
+
+
+def _hold_lifeline() -> None:
+    """In the simulation child: when the process that started it is gone (the lifeline pipe reads EOF), kill the
+    child's whole process group, Ray included. Killed with SIGKILL, `fedlm train` runs no cleanup of its own;
+    without this its simulation ran on as orphans and finished the round into the same `--out`."""
+    fd = int(os.environ.pop(LIFELINE_ENV, "-1"))
+    if fd < 0:
+        return
+
+    def watch() -> None:
+        while os.read(fd, 1):  # nothing is ever written: this returns only at EOF
+            continue
+        os.killpg(os.getpgid(0), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="fedlm-lifeline", daemon=True).start()
 
 
 def _simulate(config: TrainConfig) -> None:
@@ -261,4 +288,5 @@ def free_port() -> int:
 
 
 if __name__ == "__main__":
+    _hold_lifeline()
     _simulate(TrainConfig.from_flat(json.loads(sys.argv[1])))
