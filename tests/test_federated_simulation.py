@@ -87,6 +87,19 @@ def test_resume_runs_only_the_missing_rounds(run):
     assert after[:2] == before  # rounds 1-2 come from the checkpoint, not from training again
 
 
+def test_outputs_one_round_behind_their_checkpoint_are_repaired(run):
+    """A kill after a round's checkpoint but before its outputs left metrics.json and the adapters a round behind,
+    and the restart (nothing left to train) exited 0 without repairing them."""
+    config, _ = run
+    metrics = config.out_path / "metrics.json"
+    complete = json.loads(metrics.read_text())
+    metrics.write_text(json.dumps(complete[:-1]))  # as the kill left them
+    adapter = config.out_path / "clients" / "0" / "adapter_model.safetensors"
+    adapter.unlink()
+    run_simulation(TrainConfig.from_flat({**config.to_flat(), "rounds": len(complete)}))
+    assert json.loads(metrics.read_text()) == complete and adapter.is_file()
+
+
 def _descendants(root: int) -> set[int]:
     """Every process below `root`, from /proc's parent links."""
     children: dict[int, list[int]] = {}

@@ -271,6 +271,8 @@ def run(grid: Grid, config: TrainConfig) -> RunState:
     if state is None or state.fingerprint != config.fingerprint():
         state = initial_state(config, nodes)
     strategy = HeteroLoraStrategy(config, make_aggregator(config.aggregator), nodes, state)
+    if state.round:  # a run killed between its checkpoint and its outputs: the outputs catch up first
+        write_outputs(out, config, state)
     for server_round in range(state.round + 1, config.rounds + 1):
         started = time.perf_counter()
         replies = grid.send_and_receive(strategy.configure_train(server_round), timeout=REPLY_TIMEOUT_SECONDS)
