@@ -17,7 +17,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, PlainTextResponse
 
 from fedlm.cloud.client import AsyncCloudClient, CloudClient, CloudError, CloudUnavailable
-from fedlm.cloud.service import LOOPBACK
+from fedlm.net import LOOPBACK
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from pathlib import Path
 import fedlm
 
 LAYERS: list[set[str]] = [
-    {"atomic", "models"},
+    {"atomic", "models", "net"},
     {"egress", "data"},
     {"cloud", "privacy"},
     {"fusion", "kvcomm", "federated"},

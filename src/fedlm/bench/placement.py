@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import multiprocessing
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -26,7 +25,7 @@ from typing import Any
 
 import httpx
 
-from fedlm.cloud.service import LOOPBACK
+from fedlm.net import LOOPBACK, free_port
 
 
 def _pin_process(cores: set[int]) -> None:
@@ -38,24 +37,19 @@ def _pin_process(cores: set[int]) -> None:
             continue
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
-
-
-def _wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+def wait_healthy(process: subprocess.Popen, url: str, log: Path, timeout_s: float) -> None:
+    """Wait until `process` answers `/health` at `url`; its log's tail explains a process that exited instead."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"the cloud process exited with code {process.returncode}:\n{log.read_text()[-2000:]}")
+            raise RuntimeError(f"the service exited with code {process.returncode}:\n{log.read_text()[-2000:]}")
         try:
             if httpx.get(f"{url}/health", timeout=1.0).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.25)
-    raise RuntimeError(f"the cloud process did not answer on {url} within {timeout_s:.0f}s")
+    raise RuntimeError(f"the service did not answer on {url} within {timeout_s:.0f}s")
 
 
 @contextmanager
@@ -76,7 +70,7 @@ def separate_cores(
     if len(cores) <= cloud_cores:
         raise RuntimeError(f"separate cores need more than {cloud_cores} usable cores, this process has {len(cores)}")
     cloud, edge = set(cores[-cloud_cores:]), set(cores[:-cloud_cores])
-    port = _free_port()
+    port = free_port()
     root = f"http://{LOOPBACK}:{port}"
     log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedlm-cloud-{port}.log"
     command = [
@@ -99,7 +93,7 @@ def separate_cores(
             command, env=env, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cloud)
         )
     try:
-        _wait_healthy(process, root, log, startup_timeout_s)
+        wait_healthy(process, root, log, startup_timeout_s)
         _pin_process(edge)
         torch.set_num_threads(len(edge))
         yield {"placement": "separate", "url": f"{root}/v1", "edge_cores": sorted(edge), "cloud_cores": sorted(cloud)}

@@ -316,3 +316,35 @@ def kv(
             )
     console.print(f"summary: {json.dumps(result['summary'])}")
     console.print(f"wrote {out / 'kv.json'} and {out / 'kv.png'}")
+
+
+@app.command()
+def load(
+    service: str = typer.Option("cloud", "--service", help="cloud (fedlm cloud serve) or kv (fedlm kv serve)."),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", help="The model the service serves."),
+    clients: int = typer.Option(40, "--clients", min=1, help="Requests sent at once."),
+    max_tokens: int = typer.Option(16, "--max-tokens", min=1, help="Tokens each chat request asks for."),
+    max_pending: int = typer.Option(16, "--max-pending", min=1, help="The cloud's admission limit (503 beyond)."),
+    out: Path = typer.Option(Path("runs/bench-load"), "--out", help="Folder for load.json."),
+) -> None:
+    """A burst of concurrent clients against one service on loopback: status codes, latency p50/p95, and the
+    slowest /health answer while it lasted."""
+    from rich.console import Console
+
+    from fedlm.bench.load import Service, burst, serving
+
+    if service not in ("cloud", "kv"):
+        raise typer.BadParameter(f"--service must be cloud or kv, not {service!r}")
+    kind: Service = "cloud" if service == "cloud" else "kv"
+    extra = ["--max-pending", str(max_pending)] if kind == "cloud" else []
+    console = Console()
+    console.print(f"[bold]bench load[/]: starting {kind} ({model}) and sending {clients} requests at once")
+    with serving(kind, model, extra) as root:
+        result = burst(root, kind, model, clients, max_tokens)
+    result |= {"model": model, "max_pending": max_pending if service == "cloud" else None}
+    atomic.write_json(out / "load.json", result, indent=2)
+    console.print(
+        f"statuses {result['statuses']}, latency p50 {result['latency_ms_p50']} ms, p95 {result['latency_ms_p95']} ms, "
+        f"Retry-After {result['retry_after'] or '-'}; /health answered {result['health_checks']} times, slowest "
+        f"{result['health_ms_max']} ms; wrote {out / 'load.json'}"
+    )

@@ -34,6 +34,9 @@ def serve(
     max_tokens_limit: int = typer.Option(
         Limits.max_tokens, "--max-tokens-limit", min=1, help="The most tokens one request may ask to generate."
     ),
+    max_pending: int = typer.Option(
+        Limits.max_pending, "--max-pending", min=1, help="Requests in hand at once; more get a 503 with Retry-After."
+    ),
 ) -> None:
     """Serve MODEL at http://HOST:PORT/v1 (models, completions, chat/completions) and /health."""
     from fedlm.cloud.engine import Engine
@@ -48,7 +51,8 @@ def serve(
         f"[bold]fedlm cloud[/] serving {model!r} with {weights.value} weights on http://{host}:{port}/v1 "
         f"(loaded in {loaded.load_seconds:.1f}s)"
     )
-    run_service(Engine(loaded, max_batch=max_batch), host, port, key, Limits(max_body_bytes, max_tokens_limit))
+    limits = Limits(max_body_bytes, max_tokens_limit, max_pending)
+    run_service(Engine(loaded, max_batch=max_batch), host, port, key, limits)
 
 
 @app.command()

@@ -7,7 +7,8 @@ import json
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
@@ -38,12 +39,14 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.body = (
             status,
             p.ErrorResponse(error=p.ErrorDetail(message=message, type=type_, param=param, code=code)),
         )
+        self.headers = headers or {}
 
 
 # every error status a route may answer with, documented in the schema with the body it carries
@@ -52,6 +55,11 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     401: {"model": p.ErrorResponse, "description": "Missing or wrong API key (only when the server has one)."},
     404: {"model": p.ErrorResponse, "description": "The model is not served here."},
     413: {"model": p.ErrorResponse, "description": "The request body is over the server's limit."},
+    503: {
+        "model": p.ErrorResponse,
+        "description": "The server is at capacity; try again after Retry-After seconds.",
+        "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "Seconds to wait."}},
+    },
 }
 # with `stream: true`: server-sent events, each a JSON chunk, then `[DONE]`
 STREAMED: dict[int | str, dict[str, Any]] = {200: {"content": {"text/event-stream": {"schema": {}}}}}
@@ -63,6 +71,8 @@ class Limits:
 
     max_body_bytes: int = 4 * 2**20
     max_tokens: int = 4096
+    max_pending: int = 64  # requests admitted at once (decoding or queued); more get a 503 with Retry-After
+    retry_after_s: int = 1
 
 
 def _error(
@@ -82,7 +92,7 @@ def openai_app(title: str, api_key: str | None = None, max_body_bytes: int = Lim
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, err: APIError) -> JSONResponse:
-        return JSONResponse(p.dump(err.body), status_code=err.status)
+        return JSONResponse(p.dump(err.body), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -99,6 +109,48 @@ def openai_app(title: str, api_key: str | None = None, max_body_bytes: int = Lim
         return response
 
     return app
+
+
+class Admission:
+    """At most `limit` requests in hand at once (decoding or queued for the engine); one more gets a 503 with
+    Retry-After at once, never a place in a queue without bound. A streamed answer holds its place until the
+    stream ends. Counted on the server's event loop, so no lock is needed."""
+
+    def __init__(self, limit: int, retry_after_s: int) -> None:
+        self.limit, self.retry_after_s, self.inside = limit, retry_after_s, 0
+
+    @contextmanager
+    def held(self) -> Iterator[Ticket]:
+        if self.inside >= self.limit:
+            raise APIError(
+                503,
+                f"the server is at capacity ({self.inside} requests in hand); retry in {self.retry_after_s} s",
+                "server_error",
+                code="overloaded",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.inside += 1
+        ticket = Ticket(self)
+        try:
+            yield ticket
+        finally:
+            if not ticket.handed_on:
+                self.inside -= 1
+
+
+class Ticket:
+    """One admitted request's place; a stream takes it along and gives it back when the stream is done."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission, self.handed_on = admission, False
+
+    async def carried(self, chunks: AsyncIterator[T]) -> AsyncIterator[T]:
+        self.handed_on = True
+        try:
+            async for chunk in chunks:
+                yield chunk
+        finally:
+            self.admission.inside -= 1
 
 
 class BearerAuth:
@@ -193,6 +245,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
                 code="model_not_found",
             )
 
+    admission = Admission(limits.max_pending, limits.retry_after_s)
+
     def check_length(prompt_ids: list[int], params: SamplingParams, param: str) -> None:
         try:
             engine.check_length(prompt_ids, params)
@@ -219,6 +273,10 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
 
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         check_model(body.model)
+        with admission.held() as ticket:
+            return await _complete(body, request, ticket)
+
+    async def _complete(body: p.CompletionRequest, request: Request, ticket: Ticket) -> Any:
         ids = await asyncio.to_thread(engine.encode_prompt, body.prompt)  # a long prompt never stalls the loop
         start = body.logprob_start_char
         params = SamplingParams(
@@ -233,7 +291,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
         )
         check_length(ids, params, "prompt")
         if body.stream:
-            return _sse(_completion_chunks(engine, ids, params, body.prompt))
+            return _sse(ticket.carried(_completion_chunks(engine, ids, params, body.prompt)))
         result = await _unless_disconnected(request, engine.complete(ids, params))
         if isinstance(result, Response):
             return result
@@ -246,6 +304,10 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
 
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
         check_model(body.model)
+        with admission.held() as ticket:
+            return await _chat(body, request, ticket)
+
+    async def _chat(body: p.ChatCompletionRequest, request: Request, ticket: Ticket) -> Any:
         top = (body.top_logprobs or 0) if body.logprobs else None
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         ids = await asyncio.to_thread(engine.encode_chat, messages)
@@ -262,7 +324,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
         check_length(ids, params, "messages")
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return _sse(_chat_chunks(engine, ids, params, include_usage))
+            return _sse(ticket.carried(_chat_chunks(engine, ids, params, include_usage)))
         result = await _unless_disconnected(request, engine.complete(ids, params))
         if isinstance(result, Response):
             return result

@@ -14,8 +14,7 @@ import uvicorn
 
 from fedlm.cloud.engine import Engine
 from fedlm.cloud.server import Limits, create_app
-
-LOOPBACK = "127.0.0.1"
+from fedlm.net import LOOPBACK
 
 
 def serve(

@@ -23,8 +23,8 @@ from pathlib import Path
 from fedlm.egress.audit import default_audit_path
 from fedlm.federated.config import TrainConfig
 from fedlm.models.cache import cache_root
+from fedlm.net import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 LIFELINE_ENV = "FEDLM_LIFELINE_FD"  # the simulation child's end of a pipe its parent holds open while it lives
 RAY_BOOTSTRAP = "provider:\n  type: local\n"
 
@@ -279,12 +279,6 @@ def _run_finished(bin_dir: Path, env: dict[str, str], run_id: int, deadline: flo
         raise RuntimeError(f"deployment run {run_id} did not finish in time")
     time.sleep(4.0)
     return _run_status(bin_dir, env, run_id).startswith("finished")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 if __name__ == "__main__":

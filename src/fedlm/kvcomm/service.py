@@ -20,7 +20,7 @@ from pydantic import BeforeValidator, Field, create_model
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.server import APIError, openai_app
-from fedlm.cloud.service import LOOPBACK, background_app
+from fedlm.cloud.service import background_app
 from fedlm.kvcomm.fuser import kv_layout
 from fedlm.kvcomm.wire import (
     DEFAULT_MAX_BYTES,
@@ -32,6 +32,7 @@ from fedlm.kvcomm.wire import (
     model_fingerprint,
 )
 from fedlm.models.loader import LoadedModel
+from fedlm.net import LOOPBACK
 
 MAX_TEXT_CHARS = 32_000
 BLOB_MEDIA_TYPE = "application/octet-stream"
