@@ -157,6 +157,22 @@ def test_audit_log_never_holds_the_secret(detector: Detector, log: AuditLog) -> 
     assert gate.last_seconds > 0
 
 
+@pytest.mark.parametrize("policy", ["off", "local", "redact", "rephrase"])
+def test_no_policy_writes_a_secret_into_the_audit_log(detector: Detector, log: AuditLog, policy: str) -> None:
+    """Real PII (a name, an IBAN, an API key) through every policy, the destination carrying credentials too: the
+    audit log keeps what left (bytes, a hash, entity counts), never a value."""
+    gate = EgressGate(policy, detector=detector, audit=log, rewriter=lambda text: f"A question about {text}")
+    try:
+        gate.outbound("https://user:pw@cloud.example/v1/chat/completions?key=abc", chat(SENSITIVE))
+    except EgressBlocked:
+        assert policy == "local"
+    raw = log.path.read_text()
+    for secret in (SECRET_KEY, "Priya", "DE89", "pw@", "key=abc"):
+        assert secret not in raw, f"{policy} wrote {secret!r} into the audit log"
+    (record,) = log.records()
+    assert record.policy == policy and record.destination == "https://cloud.example/v1/chat/completions"
+
+
 def test_non_text_fields_and_token_prompts_pass_untouched(detector: Detector, log: AuditLog) -> None:
     body = {"prompt": [[1, 2, 3]], "user": "Priya Raman", "stop": ["\n"], "messages": "not a list"}
     sent = json.loads(EgressGate("redact", detector=detector, audit=log).outbound("cloud", body))
