@@ -129,3 +129,15 @@ def test_too_few_usable_updates_fail_the_round_with_the_reasons() -> None:
     replies = [Reply(100, _moved(start, 0.01, 0)), Reply(101, failure="killed"), Reply(102, failure="timeout")]
     with pytest.raises(RuntimeError, match=r"fewer than min_replies=2.*killed"):
         strategy.aggregate_train(1, replies)  # type: ignore[arg-type]
+
+
+def test_partial_participation_asks_a_seeded_sample_and_expects_only_it() -> None:
+    strategy, start = _strategy(nodes=10)
+    strategy.config = TrainConfig(clients=10, aggregator="fedavg", participation=0.3, min_replies=1)
+    asked = strategy.sample(1)
+    assert len(asked) == 3 and asked == strategy.sample(1)  # seeded: the same round asks the same nodes
+    assert {n.node_id for n in strategy.sample(2)} != {n.node_id for n in asked}  # another round, another sample
+    strategy.sample(1)
+    replies = [Reply(node.node_id, _moved(start, 0.01, node.partition_id)) for node in asked]
+    record = strategy.aggregate_train(1, replies)  # type: ignore[arg-type]
+    assert record["asked"] == sorted(n.partition_id for n in asked) and record["left_out"] == []

@@ -100,6 +100,32 @@ def test_outputs_one_round_behind_their_checkpoint_are_repaired(run):
     assert json.loads(metrics.read_text()) == complete and adapter.is_file()
 
 
+def test_a_real_run_goes_on_past_clients_that_fail_and_names_them(tmp_path: Path) -> None:
+    """Through Flower's Simulation Runtime: a client that raises comes back as an error reply, is left out, and the
+    round completes with the others; only the sampled clients are asked."""
+    config = TrainConfig(
+        model=str(save_tiny(tmp_path / "tiny")),
+        data="gsm8k",
+        clients=6,
+        rounds=2,
+        local_steps=1,
+        batch_size=4,
+        seq_len=32,
+        max_texts=8,
+        participation=0.5,
+        fail_rate=0.4,
+        out=str(tmp_path / "out"),
+    )
+    run_simulation(config)
+    rounds = json.loads((config.out_path / "metrics.json").read_text())
+    assert [len(r["asked"]) for r in rounds] == [3, 3]
+    failed = [entry for r in rounds for entry in r["left_out"]]
+    assert failed and all("injected failure" in entry["reason"] for entry in failed)
+    for r in rounds:  # every asked client either trained or is named as left out
+        trained = {c["partition_id"] for c in r["clients"]}
+        assert trained | {entry["partition_id"] for entry in r["left_out"]} == set(r["asked"]) and trained
+
+
 def _descendants(root: int) -> set[int]:
     """Every process below `root`, from /proc's parent links."""
     children: dict[int, list[int]] = {}

@@ -45,6 +45,12 @@ def train_command(
     min_replies: int = typer.Option(
         1, "--min-replies", min=1, help="Fewest usable updates a round needs; failing devices are left out to this."
     ),
+    participation: float = typer.Option(
+        1.0, "--participation", min=0.0, max=1.0, help="Fraction of devices asked to train each round (seeded)."
+    ),
+    fail_rate: float = typer.Option(
+        0.0, "--fail-rate", min=0.0, max=1.0, help="Chaos: each asked device fails its round with this chance."
+    ),
     out: Path = typer.Option(Path("runs/federated"), "--out", help="Metrics, adapters and checkpoint go here."),
 ) -> None:
     """Train LoRA adapters across devices; OUT gets metrics.json, clients/<id>/ and clusters/<id>/ adapters."""
@@ -76,6 +82,8 @@ def train_command(
         seq_len=seq_len,
         max_texts=max_texts,
         min_replies=min_replies,
+        participation=participation,
+        fail_rate=fail_rate,
         out=str(out),
     )
     console = Console()

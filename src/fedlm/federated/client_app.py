@@ -90,6 +90,8 @@ def train(msg: Message, context: Context) -> Message:
     config = TrainConfig.from_flat(dict(msg.content["config"]))
     server_round = int(msg.content["config"]["server_round"])
     pid, n = partition(context)
+    if config.fail_rate and np.random.default_rng([config.seed, server_round, pid, 7]).random() < config.fail_rate:
+        raise RuntimeError(f"injected failure (fail_rate={config.fail_rate}), round {server_round}, client {pid}")
     data = local_data(config, pid, n)
     start = from_record(msg.content["arrays"])
     loaded = base_model(config.model)

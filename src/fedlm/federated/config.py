@@ -27,6 +27,8 @@ class TrainConfig:
     max_texts: int = 64
     seed: int = 0
     min_replies: int = 1  # the fewest usable updates a round needs; nodes that fail are left out down to this
+    participation: float = 1.0  # the fraction of nodes asked to train each round (a seeded sample; all at 1.0)
+    fail_rate: float = 0.0  # chaos for testing fault handling: each asked client fails its round with this chance
     out: str = "runs/federated"
 
     @property

@@ -10,6 +10,7 @@ strategy keeps one global adapter per cluster itself. After every round the stat
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -63,6 +64,17 @@ class HeteroLoraStrategy:
     def __init__(self, config: TrainConfig, aggregator: Aggregator, nodes: list[NodeInfo], state: RunState):
         self.config, self.aggregator, self.nodes, self.state = config, aggregator, nodes, state
         self.by_node = {node.node_id: node for node in nodes}
+        self.asked: dict[int, NodeInfo] = dict(self.by_node)  # the nodes asked this round
+
+    def sample(self, server_round: int) -> list[NodeInfo]:
+        """The nodes asked this round: a seeded sample of `participation` of them (at least `min_replies`)."""
+        count = min(
+            len(self.nodes), max(self.config.min_replies, math.ceil(self.config.participation * len(self.nodes)))
+        )
+        rng = np.random.default_rng([self.config.seed, server_round])
+        chosen = sorted(rng.choice(len(self.nodes), size=count, replace=False).tolist())
+        self.asked = {self.nodes[i].node_id: self.nodes[i] for i in chosen}
+        return list(self.asked.values())
 
     def slice_for(self, node: NodeInfo) -> lora.LoraState:
         cluster = self.state.globals[self.state.cluster_of[node.partition_id]]
@@ -76,10 +88,11 @@ class HeteroLoraStrategy:
                 dst_node_id=node.node_id,
                 message_type=message_type,
             )
-            for node in self.nodes
+            for node in self.asked.values()
         ]
 
     def configure_train(self, server_round: int) -> list[Message]:
+        self.sample(server_round)
         return self._messages("train", server_round)
 
     def configure_evaluate(self, server_round: int) -> list[Message]:
@@ -90,7 +103,7 @@ class HeteroLoraStrategy:
 
         A node that failed, did not reply in time, or sent an update that fails `validation.screen` is logged and
         left out, as long as `min_replies` updates remain; the record names who was left out and why."""
-        replies, left_out = _sorted_replies(replies, self.by_node)
+        replies, left_out = _sorted_replies(replies, self.asked)
         nodes = [self.by_node[reply.metadata.src_node_id] for reply in replies]
         trained = [from_record(reply.content["arrays"]) for reply in replies]
         starts = [self.slice_for(node) for node in nodes]
@@ -151,6 +164,7 @@ class HeteroLoraStrategy:
                 str(k): sorted(p for p, c in self.state.cluster_of.items() if c == k) for k in self.state.globals
             },
             "purity": purity([c["cluster"] for c in clients], tasks),
+            "asked": sorted(node.partition_id for node in self.asked.values()),
             "left_out": [self._left_out(entry) for entry in left_out],
         }
         if similarity is not None:
@@ -162,7 +176,7 @@ class HeteroLoraStrategy:
         """Add each node's held-out loss of its new cluster slice ("global") to the round's record; a node that
         failed to evaluate is named under `evaluate_left_out`."""
         by_pid = {c["partition_id"]: c for c in record["clients"]}
-        replies, left_out = _sorted_replies(replies, self.by_node)
+        replies, left_out = _sorted_replies(replies, self.asked)
         for reply in replies:
             loss = float(reply.content["metrics"]["loss"])
             client = by_pid.get(self.by_node[reply.metadata.src_node_id].partition_id)
