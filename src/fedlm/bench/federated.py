@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -76,6 +77,34 @@ def run_benchmark(config: TrainConfig, mix_clients: int, progress: Callable[[str
     mix_config = replace(config, data="mix", clients=mix_clients, cluster="auto", out=str(out / "mix"))
     mix = json.loads((run_simulation(mix_config) / "metrics.json").read_text())
     return {"config": config.to_flat(), "summary": summarize(runs, mix), "runs": runs, "mix": mix}
+
+
+def many_devices(config: TrainConfig) -> dict:
+    """One simulation at FL's scale: many virtual clients, a sample asked each round, some failing (the config says
+    how many). Reports per round the time, the clients asked, trained and left out, and the bytes moved; and the
+    largest resident memory of any process of the run (the simulation child and its Ray workers)."""
+    import resource
+
+    started = time.perf_counter()
+    rounds = json.loads((run_simulation(config) / "metrics.json").read_text())
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss  # Linux: KiB, the largest one child reached
+    return {
+        "config": config.to_flat(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "peak_rss_mb": round(peak_kib / 1024, 1),
+        "rounds": [
+            {
+                "round": r["round"],
+                "seconds": r["seconds"],
+                "asked": len(r["asked"]),
+                "trained": len(r["clients"]),
+                "left_out": len(r["left_out"]),
+                "bytes_up": r["bytes_up"],
+                "bytes_down": r["bytes_down"],
+            }
+            for r in rounds
+        ],
+    }
 
 
 def plot(result: dict, path: Path) -> None:

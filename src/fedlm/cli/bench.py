@@ -348,3 +348,50 @@ def load(
         f"Retry-After {result['retry_after'] or '-'}; /health answered {result['health_checks']} times, slowest "
         f"{result['health_ms_max']} ms; wrote {out / 'load.json'}"
     )
+
+
+@app.command("many-devices")
+def many_devices(
+    clients: int = typer.Option(50, "--clients", min=2, help="Virtual clients in the simulation."),
+    participation: float = typer.Option(0.2, "--participation", min=0.0, max=1.0, help="Fraction asked a round."),
+    fail_rate: float = typer.Option(0.1, "--fail-rate", min=0.0, max=1.0, help="Chance an asked client fails."),
+    rounds: int = typer.Option(3, "--rounds", min=1),
+    model: str | None = typer.Option(None, "--model", help="Edge model (default: a tiny random llama)."),
+    out: Path = typer.Option(Path("runs/bench-many-devices"), "--out", help="Folder for the run and JSON."),
+) -> None:
+    """A simulation with many virtual clients, partial participation and random failures: time per round,
+    clients asked/trained/left out, bytes, peak memory."""
+    from rich.console import Console
+
+    from fedlm.bench.federated import many_devices as measure
+    from fedlm.federated.config import TrainConfig
+    from fedlm.models.tiny import save_tiny
+
+    console = Console()
+    name = model or str(save_tiny(out / "tiny-model"))
+    config = TrainConfig(
+        model=name,
+        data="gsm8k",
+        clients=clients,
+        rounds=rounds,
+        local_steps=2,
+        batch_size=4,
+        seq_len=32,
+        max_texts=8,
+        participation=participation,
+        fail_rate=fail_rate,
+        out=str(out / "run"),
+    )
+    console.print(
+        f"[bold]bench many-devices[/]: {clients} clients, {participation:.0%} asked a round, {fail_rate:.0%} fail"
+    )
+    result = measure(config)
+    atomic.write_json(out / "many_devices.json", result, indent=2)
+    for r in result["rounds"]:
+        console.print(
+            f"round {r['round']}: {r['seconds']} s, asked {r['asked']}, trained {r['trained']}, left out "
+            f"{r['left_out']}, {r['bytes_up']:,} bytes up, {r['bytes_down']:,} down"
+        )
+    console.print(
+        f"total {result['seconds']} s, peak RSS {result['peak_rss_mb']} MB; wrote {out / 'many_devices.json'}"
+    )
