@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs the federated app in Flower's Deployment Runtime: one SuperLink and three SuperNodes (budgets low, mid,
+# Runs the federated app in Flower's Deployment Runtime with TLS and SuperNode authentication (throwaway keys):
+# one SuperLink and three SuperNodes (budgets low, mid,
 # high via --node-config), all on 127.0.0.1, offline; `fedlm train` starts them and stops only those processes.
 # MODEL defaults to a tiny random model so that this finishes in about a minute; pass MODEL=smollm2-135m-instruct
 # for the real edge model.

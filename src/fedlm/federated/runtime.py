@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedlm.egress.audit import default_audit_path
 from fedlm.federated.config import TrainConfig
+from fedlm.federated.tls import make_keys
 from fedlm.models.cache import cache_root
 from fedlm.net import LOOPBACK, free_port
 
@@ -173,14 +174,19 @@ def run_deployment(
     link_port = free_port()
     flwr_home = Path(env["FLWR_HOME"])
     flwr_home.mkdir(parents=True, exist_ok=True)
+    keys = make_keys(out / ".home" / "keys", config.clients)
     (flwr_home / "config.toml").write_text(
-        f'[superlink]\ndefault = "fedlm"\n\n[superlink.fedlm]\naddress = "{LOOPBACK}:{link_port}"\ninsecure = true\n'
+        f'[superlink]\ndefault = "fedlm"\n\n[superlink.fedlm]\naddress = "{LOOPBACK}:{link_port}"\n'
+        f'root-certificates = "{keys.ca}"\n'
     )
     bin_dir = Path(sys.executable).parent
+    tls = ["--ssl-ca-certfile", str(keys.ca), "--ssl-certfile", str(keys.server_cert), "--ssl-keyfile"]
     commands = [
         [
             str(bin_dir / "flower-superlink"),
-            "--insecure",
+            *tls,
+            str(keys.server_key),
+            "--enable-supernode-auth",
             "--host",
             LOOPBACK,
             "--port",
@@ -195,7 +201,10 @@ def run_deployment(
         commands.append(
             [
                 str(bin_dir / "flower-supernode"),
-                "--insecure",
+                "--root-certificates",
+                str(keys.ca),
+                "--auth-supernode-private-key",
+                str(keys.node_keys[pid]),
                 "--superlink",
                 f"{LOOPBACK}:{link_port}",
                 "--host",
@@ -215,6 +224,8 @@ def run_deployment(
             started.append(subprocess.Popen(command, env=env, stdout=handle, stderr=subprocess.STDOUT))
             if index == 0:
                 _wait_for_port(link_port, started[0])
+                for node_key in keys.node_keys:  # only these SuperNodes may join
+                    _flwr(bin_dir, env, ["supernode", "register", str(node_key.with_suffix(".pub")), "fedlm"])
         app_dir = write_app(out / ".home" / "app", config)
         overrides = " ".join(f"{key}={json.dumps(value)}" for key, value in config.to_flat().items())
         submitted = subprocess.run(
@@ -245,6 +256,14 @@ def run_deployment(
         for handle in handles:
             handle.close()
     return out
+
+
+def _flwr(bin_dir: Path, env: dict[str, str], args: list[str]) -> str:
+    """Run one `flwr` CLI command against the SuperLink; its output, or an error naming what it said."""
+    done = subprocess.run([str(bin_dir / "flwr"), *args], env=env, capture_output=True, text=True, timeout=120)
+    if done.returncode != 0:
+        raise RuntimeError(f"flwr {' '.join(args[:2])} failed: {done.stdout}{done.stderr}")
+    return done.stdout
 
 
 def _wait_for_port(port: int, process: subprocess.Popen, seconds: float = 60.0) -> None:
