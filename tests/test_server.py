@@ -238,6 +238,17 @@ def test_a_client_that_hangs_up_stops_its_decoding(tiny_engine: Engine) -> None:
     assert 0 < steps < 100
 
 
+def test_a_body_that_is_not_json_is_a_400_that_says_so(http: httpx.Client) -> None:
+    body = b'{"model": "tiny-llama", "prompt": "x"}'
+    wrong_type = http.post("/completions", content=body, headers={"content-type": "text/plain"})
+    assert wrong_type.status_code == 400 and "Content-Type: application/json" in wrong_type.json()["error"]["message"]
+    truncated = http.post("/completions", content=b'{"model": ', headers={"content-type": "application/json"})
+    assert truncated.status_code == 400 and "not valid JSON" in truncated.json()["error"]["message"]
+    assert truncated.json()["error"]["param"] is None
+    binary = http.post("/completions", content=b"\x00\xff{", headers={"content-type": "application/json"})
+    assert binary.status_code == 400 and binary.json()["error"]["type"] == "invalid_request_error"
+
+
 def test_unknown_model_is_404_and_malformed_json_is_400(http: httpx.Client) -> None:
     response = http.post("/completions", json={"model": "gpt-9", "prompt": "x"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"

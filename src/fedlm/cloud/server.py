@@ -95,8 +95,13 @@ def openai_app(title: str, api_key: str | None = None, max_body_bytes: int = Lim
         return JSONResponse(p.dump(err.body), status_code=err.status, headers=err.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, err: RequestValidationError) -> JSONResponse:
+    async def _invalid(request: Request, err: RequestValidationError) -> JSONResponse:
         first = err.errors()[0]
+        if first.get("type") == "json_invalid":
+            return _error(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', 'unreadable')})")
+        kind = request.headers.get("content-type", "")
+        if first.get("loc") == ("body",) and "json" not in kind:
+            return _error(400, f"send the body as JSON with 'Content-Type: application/json' (got {kind or 'none'!r})")
         loc = [str(part) for part in first.get("loc", ()) if part != "body" and not _type_tag(part)]
         param = ".".join(loc) or None
         return _error(400, f"{param or 'body'}: {first.get('msg', 'invalid value')}", param=param)
