@@ -156,11 +156,13 @@ def _alive(pid: int) -> bool:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="processes are listed from /proc")
 def test_a_sigkilled_train_takes_its_simulation_with_it(tmp_path: Path) -> None:
     """`fedlm train` killed with SIGKILL runs no cleanup of its own: its simulation (the runtime child and Ray)
-    used to run on as orphans and finish the round into the same --out. Now they die with it."""
-    out = tmp_path / "out"
-    command = [sys.executable, "-m", "fedlm", "train", "--model", str(save_tiny(tmp_path / "tiny")), "--data", "mix"]
-    command += ["--clients", "2", "--rounds", "50", "--local-steps", "20", "--max-texts", "8", "--out", str(out)]
-    train = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    used to run on as orphans and finish the round into the same --out. Now they die with it, and the same
+    command resumes from the last complete round to the result of a run never killed."""
+    out, model = tmp_path / "out", str(save_tiny(tmp_path / "tiny"))
+    settings = ["--model", model, "--data", "mix", "--clients", "2", "--rounds", "4", "--local-steps", "6"]
+    settings += ["--max-texts", "8"]
+    command = [sys.executable, "-m", "fedlm", "train", *settings]
+    train = subprocess.Popen([*command, "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline, below = time.monotonic() + 120, set()
         while time.monotonic() < deadline and not (out / "metrics.json").exists():  # a round is done: Ray is up
@@ -178,7 +180,18 @@ def test_a_sigkilled_train_takes_its_simulation_with_it(tmp_path: Path) -> None:
         rounds = len(json.loads((out / "metrics.json").read_text()))
         time.sleep(3)
         assert len(json.loads((out / "metrics.json").read_text())) == rounds  # nothing writes to --out any more
+        assert rounds < 4, "the run finished before it could be killed: nothing to resume"
     finally:
         for pid in _descendants(train.pid) | {train.pid}:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+    clean = tmp_path / "clean"
+    for folder in (out, clean):  # the killed run resumed, and a run never killed
+        done = subprocess.run([*command, "--out", str(folder)], capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout + done.stderr
+    resumed, whole = (_without_timing(json.loads((f / "metrics.json").read_text())) for f in (out, clean))
+    assert resumed == whole  # given the same seeds, the kill changed nothing
+
+
+def _without_timing(rounds: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rounds]
