@@ -10,6 +10,7 @@ from fedlm.cli.demo import demo_command
 from fedlm.cli.evaluate import eval_command
 from fedlm.cli.generate import generate_command
 from fedlm.cli.privacy import app as privacy_app
+from fedlm.cli.serve import serve_command
 from fedlm.cli.train import train_command
 
 app = typer.Typer(
@@ -28,6 +29,7 @@ app.command("demo")(demo_command)
 app.add_typer(privacy_app, name="privacy")
 app.add_typer(bench_app, name="bench")
 app.command("train")(train_command)
+app.command("serve")(serve_command)
 
 
 def main() -> None:

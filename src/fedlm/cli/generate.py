@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -11,6 +11,7 @@ from rich.text import Text
 
 from fedlm.cli.options import (
     EMBEDDED,
+    NO_CLOUD,
     ApiKey,
     Cloud,
     CloudModel,
@@ -19,6 +20,7 @@ from fedlm.cli.options import (
     Privacy,
     api_key_or_env,
     cloud_url,
+    edge_with_adapter,
     egress_gate,
 )
 from fedlm.privacy.policy import Policy
@@ -27,9 +29,6 @@ if TYPE_CHECKING:
     from fedlm.fusion.decoder import FusionResult
 
 SOURCE_STYLE = {"edge": "green", "cloud": "magenta", "fused": "cyan"}
-
-
-NO_CLOUD = "none"
 
 
 def generate_command(
@@ -72,7 +71,7 @@ def generate_command(
     except ValueError as err:  # an unknown rule or model name
         raise typer.BadParameter(str(err)) from err
     if adapter is not None:
-        edge_model = _with_adapter(edge_model, adapter)
+        edge_model = edge_with_adapter(edge_model, adapter)
     if cloud_protocol not in ("auto", "echo", "ahead", "chat"):
         raise typer.BadParameter(
             f"expected auto, echo, ahead or chat, got {cloud_protocol!r}", param_hint="--cloud-protocol"
@@ -90,15 +89,6 @@ def generate_command(
     except UnknownModelError as err:
         raise typer.BadParameter(str(err)) from err
     _report(result, as_json, cloud if use_cloud else NO_CLOUD, fusion)
-
-
-def _with_adapter(loaded: Any, adapter: str) -> Any:
-    from fedlm.models.loader import with_adapter
-
-    try:
-        return with_adapter(loaded, adapter)
-    except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--adapter") from err
 
 
 def _report(result: FusionResult, as_json: bool, cloud: str, fusion: str) -> None:

@@ -12,13 +12,14 @@ import typer
 from rich.console import Console
 
 from fedlm.cloud.client import default_api_key
-from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT
+from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, LoadedModel
 from fedlm.privacy.policy import Policy
 
 if TYPE_CHECKING:
     from fedlm.privacy import EgressGate
 
 EMBEDDED = "embedded"
+NO_CLOUD = "none"
 
 
 class Weights(StrEnum):
@@ -86,3 +87,13 @@ def warn_if_open(console: Console, host: str, api_key: str | None) -> None:
         f"[bold red]WARNING[/]: listening on {host}, beyond this machine, with no API key: anyone who can reach it "
         "can use it. Pass --api-key (or set $FEDLM_API_KEY), or bind 127.0.0.1."
     )
+
+
+def edge_with_adapter(loaded: LoadedModel, adapter: str) -> LoadedModel:
+    """The edge model with the PEFT adapter folder `adapter` applied, or a usage error naming what is wrong."""
+    from fedlm.models.loader import with_adapter
+
+    try:
+        return with_adapter(loaded, adapter)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--adapter") from err

@@ -30,10 +30,12 @@ CloudProtocol = Literal["echo", "ahead", "chat", "none"]
 
 @dataclass(frozen=True)
 class Turn:
-    """The user's prompt, and the plain transcript prefix a completions server reads it in ("User: ...\nAssistant:")."""
+    """The user's prompt, and the plain transcript prefix a completions server reads it in ("User: ...\nAssistant:");
+    `history` holds the conversation's earlier messages, which a chat server is sent as they are."""
 
     prompt: str
     prefix: str
+    history: tuple[dict[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -187,7 +189,7 @@ class ChatReader:
     protocol: CloudProtocol = "chat"
 
     def request(self, turn: Turn, answer: str, draft: str, top_k: int) -> Ask:
-        messages: list[dict[str, Any]] = [{"role": "user", "content": turn.prompt}]
+        messages: list[dict[str, Any]] = [*turn.history, {"role": "user", "content": turn.prompt}]
         fields: dict[str, Any] = {"max_tokens": self.tokens, "logprobs": True, "top_logprobs": top_k, "temperature": 0}
         if answer:
             messages.append({"role": "assistant", "content": answer})

@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -99,6 +99,7 @@ class _Link:
 @dataclass
 class FusionResult:
     tokens: list[FusedToken] = field(default_factory=list)
+    prompt_tokens: int = 0  # what the edge read before answering (its chat template applied)
     cloud_calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -130,11 +131,15 @@ class FusedDecoder:
         self.aligner = VocabAligner(edge.tokenizer, self.eos_ids)
         self.stops = chat_stops(edge.tokenizer)
 
-    async def generate(self, prompt: str) -> FusionResult:
+    async def generate(self, prompt: str, history: Sequence[dict[str, str]] = ()) -> FusionResult:
+        """Answer `prompt`, the user's turn after the conversation's earlier messages in `history` (role, content):
+        the edge reads them through its chat template, the cloud as a transcript before its own prefix."""
         result = FusionResult()
         start = time.perf_counter()
-        prompt_ids = chat_prompt_ids(self.edge.tokenizer, [{"role": "user", "content": prompt}])
-        turn = Turn(prompt, self.config.cloud_prefix.format(prompt=prompt))
+        prompt_ids = chat_prompt_ids(self.edge.tokenizer, [*history, {"role": "user", "content": prompt}])
+        result.prompt_tokens = len(prompt_ids)
+        earlier = "".join(f"{m['role'].capitalize()}: {m['content']}\n" for m in history)
+        turn = Turn(prompt, earlier + self.config.cloud_prefix.format(prompt=prompt), tuple(history))
         link = self._link(self.cloud, result) if self.cloud is not None and self.rule.uses_cloud else None
         # in lockstep the first request leaves at once: the edge reads the prompt while the cloud reads it too
         asked = await self._send(link, turn, "", result) if link is not None and self.config.lookahead == 1 else None

@@ -1,0 +1,158 @@
+"""The device's OpenAI-compatible endpoint: chat and completions answered by the edge model fused, token by token,
+with the upstream cloud, every cloud request through the privacy gate.
+
+Routes, protocol models and serving are kept apart as in the cloud service: the request and response models are
+the cloud service's own (`cloud/protocol.py`), and so are its error bodies, auth, body limit and admission
+(`openai_app`, `Admission`). Each answer carries a `fedlm` extension object (`serve/provenance.py`) that standard
+clients ignore.
+
+One generation runs at a time, by design: the edge model is one set of weights on a device's CPU, and two
+generations side by side would only share its cores. Requests beyond it wait their turn, up to `max_pending` in
+hand; a streamed answer is sent once it is complete (token-by-token streaming is not served yet).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.responses import StreamingResponse
+
+from fedlm.cloud import protocol as p
+from fedlm.cloud.client import AsyncCloudClient
+from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, openai_app
+from fedlm.fusion.decoder import FusedDecoder, FusionConfig, FusionResult
+from fedlm.fusion.rules import FusionRule
+from fedlm.models import LoadedModel
+from fedlm.models.token_bytes import complete_prefix_len
+from fedlm.privacy import EgressGate
+from fedlm.serve.provenance import provenance
+
+MODEL_NAME = "fedlm-fused"
+
+
+@dataclass
+class Gateway:
+    """What answers: the edge (with its adapter, if any), the rule, the cloud and the gate every request leaves by."""
+
+    edge: LoadedModel
+    rule: FusionRule
+    config: FusionConfig
+    cloud_url: str | None
+    gate: EgressGate
+    adapter: str | None = None
+    cloud_model: str | None = None
+    cloud_api_key: str | None = None
+
+
+def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
+    app = openai_app("fedlm serve", api_key, limits.max_body_bytes)
+    admission = Admission(limits.max_pending, limits.retry_after_s)
+    turn = asyncio.Lock()  # one generation at a time (see the module's docstring)
+    clients: dict[str, AsyncCloudClient] = {}  # one cloud client, made on the server's loop, kept across requests
+    max_model_len = int(getattr(gateway.edge.model.config, "max_position_embeddings", 2048))
+
+    async def fused(prompt: str, history: list[dict[str, str]], max_tokens: int) -> FusionResult:
+        config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
+        cloud = None
+        if gateway.cloud_url is not None:
+            if "cloud" not in clients:
+                clients["cloud"] = AsyncCloudClient(
+                    gateway.cloud_url, gateway.cloud_api_key, gateway.cloud_model, egress=gateway.gate
+                )
+            cloud = clients["cloud"]
+        async with turn:
+            return await FusedDecoder(gateway.edge, gateway.rule, cloud, config).generate(prompt, history)
+
+    def extension(result: FusionResult) -> dict[str, Any]:
+        return provenance(result, gateway.gate.policy.value, gateway.adapter).model_dump()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok", "model": MODEL_NAME}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return p.dump(p.ModelList(data=[p.ModelCard(id=MODEL_NAME, max_model_len=max_model_len)]))
+
+    def check_model(name: str) -> None:
+        if name != MODEL_NAME:
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this endpoint serves {MODEL_NAME!r} (see /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+
+    @app.post("/v1/chat/completions", responses=STREAMED)
+    async def chat(body: p.ChatCompletionRequest) -> Any:
+        check_model(body.model)
+        messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
+        if messages[-1]["role"] != "user":
+            raise APIError(400, "the last message must be the user's: it is the turn answered", param="messages")
+        with admission.held():
+            result = await fused(messages[-1]["content"], messages[:-1], body.token_budget(gateway.config.max_tokens))
+        usage = _usage(result)
+        finish = "length" if len(result.tokens) >= body.token_budget(gateway.config.max_tokens) else "stop"
+        if body.stream:
+            return _chat_stream(result, finish, extension(result))
+        choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=finish)
+        reply = p.dump(p.ChatCompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
+        return {**reply, "fedlm": extension(result)}
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest) -> Any:
+        check_model(body.model)
+        if body.echo or body.logprobs is not None or body.stream:
+            raise APIError(400, "echo, logprobs and stream on completions are not served yet", param="echo")
+        with admission.held():
+            result = await fused(str(body.prompt), [], body.max_tokens)
+        finish = "length" if len(result.tokens) >= body.max_tokens else "stop"
+        choice = p.CompletionChoice(text=result.text, finish_reason=finish)
+        reply = p.dump(p.CompletionResponse(model=MODEL_NAME, choices=[choice], usage=_usage(result)))
+        return {**reply, "fedlm": extension(result)}
+
+    return app
+
+
+def _usage(result: FusionResult) -> p.Usage:
+    total = result.prompt_tokens + len(result.tokens)
+    return p.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens), total_tokens=total)
+
+
+def _chat_stream(result: FusionResult, finish: str, fedlm: dict[str, Any]) -> StreamingResponse:
+    """The answer as chat chunks, one per token, then the finish with the provenance, then `[DONE]`."""
+    chunk_id, created = p.new_id("chatcmpl"), int(time.time())
+
+    def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
+        body = {
+            "id": chunk_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": MODEL_NAME,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+            **extra,
+        }
+        return f"data: {json.dumps(body, separators=(',', ':'))}\n\n".encode()
+
+    async def events() -> AsyncIterator[bytes]:
+        yield chunk({"role": "assistant", "content": ""})
+        pending = b""  # bytes of a character not yet complete are held back, as the cloud service does
+        for token in result.tokens:
+            pending += token.raw
+            ready = complete_prefix_len(pending)
+            if ready:
+                yield chunk({"content": pending[:ready].decode("utf-8", "replace")})
+                pending = pending[ready:]
+        if pending:
+            yield chunk({"content": pending.decode("utf-8", "replace")})
+        yield chunk({}, finish, fedlm=fedlm)
+        yield b"data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -1,0 +1,36 @@
+"""What a fused answer was made of, sent beside it as an extension object (`fedlm`) that standard clients ignore."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel
+
+from fedlm.fusion.decoder import FusionResult
+
+
+class Provenance(BaseModel):
+    sources: list[Literal["edge", "cloud", "fused"]]  # one per token: edge alone, the edge's token confirmed, or
+    # overturned by fusion
+    cloud_protocol: str  # how the cloud was read (`fedlm cloud probe`); none: it never was
+    cloud_calls: int
+    bytes_sent: int
+    bytes_received: int
+    fallbacks: int  # tokens whose cloud answer came late or not at all
+    privacy: str  # the egress policy every cloud request went through
+    adapter: str | None  # the LoRA adapter on the edge, if any
+    warnings: list[str]  # e.g. the cloud failed and the answer was finished on the edge
+
+
+def provenance(result: FusionResult, privacy: str, adapter: str | None) -> Provenance:
+    return Provenance(
+        sources=[token.source for token in result.tokens],
+        cloud_protocol=result.cloud_protocol,
+        cloud_calls=result.cloud_calls,
+        bytes_sent=result.bytes_sent,
+        bytes_received=result.bytes_received,
+        fallbacks=result.fallbacks,
+        privacy=privacy,
+        adapter=adapter,
+        warnings=result.warnings,
+    )

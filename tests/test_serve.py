@@ -1,0 +1,79 @@
+"""`fedlm serve` through the official `openai` package: the tiny edge fused with a tiny cloud over loopback. The
+answer and its per-token sources are what `fedlm generate` gives with the same settings, and every answer carries
+its provenance beside it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import openai
+import pytest
+from openai import OpenAI
+
+from fedlm.cloud.service import background_app
+from fedlm.fusion.decoder import FusionConfig, fuse_once
+from fedlm.fusion.rules import make_rule
+from fedlm.models import LoadedModel
+from fedlm.privacy import EgressGate
+from fedlm.serve.app import MODEL_NAME, Gateway, create_gateway_app
+
+PROMPT = "The capital of France"
+CONFIG = FusionConfig(max_tokens=12)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_llama: LoadedModel, tiny_url: str) -> Iterator[OpenAI]:
+    with EgressGate("off") as gate:
+        app = create_gateway_app(Gateway(tiny_llama, make_rule("router"), CONFIG, tiny_url, gate))
+        with background_app(app, "fedlm serve") as url:
+            yield OpenAI(base_url=url, api_key="unused", max_retries=0)
+
+
+def test_chat_answers_as_generate_does_and_says_how(client: OpenAI, tiny_llama: LoadedModel, tiny_url: str) -> None:
+    expected = fuse_once(tiny_llama, make_rule("router"), PROMPT, CONFIG, tiny_url)
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": PROMPT}])
+    assert reply.choices[0].message.content == expected.text
+    fedlm = reply.model_extra["fedlm"]
+    assert fedlm["sources"] == [t.source for t in expected.tokens] and fedlm["cloud_protocol"] == "ahead"
+    assert fedlm["cloud_calls"] > 0 and fedlm["bytes_sent"] > 0 and fedlm["privacy"] == "off"
+    assert reply.usage.completion_tokens == len(expected.tokens) and reply.usage.prompt_tokens > 0
+
+
+def test_a_stream_carries_the_same_answer(client: OpenAI) -> None:
+    messages = [{"role": "user", "content": PROMPT}]
+    whole = client.chat.completions.create(model=MODEL_NAME, messages=messages).choices[0].message.content
+    chunks = list(client.chat.completions.create(model=MODEL_NAME, messages=messages, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length") and "fedlm" in chunks[-1].model_extra
+
+
+def test_completions_and_a_conversation(client: OpenAI) -> None:
+    text = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=6).choices[0].text
+    assert isinstance(text, str)
+    conversation = [
+        {"role": "system", "content": "Answer briefly."},
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi."},
+        {"role": "user", "content": PROMPT},
+    ]
+    reply = client.chat.completions.create(model=MODEL_NAME, messages=conversation, max_tokens=5)
+    assert reply.usage.completion_tokens <= 5 and len(reply.model_extra["fedlm"]["sources"]) <= 5
+
+
+def test_bad_requests_get_openai_errors(client: OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": PROMPT}])
+    with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+        client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "assistant", "content": "Hi"}])
+
+
+def test_a_dead_cloud_leaves_the_answer_to_the_edge_with_a_warning(tiny_llama: LoadedModel) -> None:
+    alone = fuse_once(tiny_llama, make_rule("none"), PROMPT, CONFIG)
+    with EgressGate("off") as gate:
+        dead = Gateway(tiny_llama, make_rule("router"), CONFIG, "http://127.0.0.1:9/v1", gate)
+        with background_app(create_gateway_app(dead), "fedlm serve") as url:
+            reply = OpenAI(base_url=url, api_key="unused", max_retries=0).chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": PROMPT}]
+            )
+    assert reply.choices[0].message.content == alone.text  # an answer, never an error to the app
+    assert reply.model_extra["fedlm"]["warnings"] and set(reply.model_extra["fedlm"]["sources"]) == {"edge"}
