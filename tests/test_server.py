@@ -124,7 +124,7 @@ def test_chat_stream_is_server_sent_events(http: httpx.Client) -> None:
         ({"model": MODEL, "prompt": "x", "max_tokens": "5"}, "max_tokens"),  # no "5" for 5: the schema's types
         ({"model": MODEL, "prompt": "x", "echo": "yes"}, "echo"),
         ({"model": MODEL, "prompt": ["x", "y"]}, None),  # one prompt a request
-        ({"model": MODEL, "prompt": "x", "seed": 2**64}, "seed"),  # past what a 64-bit generator takes
+        ({"model": MODEL, "prompt": "x", "seed": 1.5}, "seed"),  # a seed is a whole number
         ({"model": MODEL, "prompt": "x", "max_tokens": 4097}, "max_tokens"),  # over the server's limit
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temprature": 0.5}, "temprature"),
         ({"model": MODEL, "messages": []}, "messages"),
@@ -141,6 +141,13 @@ def test_bad_requests_get_openai_style_4xx(http: httpx.Client, body: dict, param
     assert error["type"] == "invalid_request_error" and error["message"]
     if param is not None:
         assert error["param"] == param
+
+
+def test_any_integer_seeds_the_generator(http: httpx.Client) -> None:
+    """`seed: 18446744073709551616` overflowed the generator (a 500); a seed is taken modulo 2**64."""
+    asks = [{"model": MODEL, "prompt": "Once", "max_tokens": 4, "seed": seed} for seed in (2**64 + 5, 5, -(2**70))]
+    texts = [http.post("/completions", json=body).json()["choices"][0]["text"] for body in asks]
+    assert texts[0] == texts[1]  # the same seed modulo 2**64, the same sample
 
 
 def test_a_lone_surrogate_is_a_400_naming_the_field(http: httpx.Client) -> None:

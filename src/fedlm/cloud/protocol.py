@@ -45,7 +45,7 @@ def whole_number(value: Any) -> Any:
 
 Count = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
 TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(whole_number)]
-Seed = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(whole_number)]  # what a 64-bit generator takes
+Seed = Annotated[int, BeforeValidator(whole_number)]  # any integer: the generator takes it modulo 2**64
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------

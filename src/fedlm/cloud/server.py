@@ -15,7 +15,7 @@ from typing import Annotated, Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BeforeValidator, Field, create_model
+from pydantic import BaseModel, BeforeValidator, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,6 +26,7 @@ from fedlm.models.token_bytes import token_starts
 DEFAULT_CHAT_MAX_TOKENS = 256
 DISCONNECT_POLL_S = 0.25  # how often a non-streamed request checks that its client is still there
 T = TypeVar("T")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 log = logging.getLogger(__name__)
 
 
@@ -114,6 +115,18 @@ def openai_app(title: str, api_key: str | None = None, max_body_bytes: int = Lim
         return response
 
     return app
+
+
+def bounded(request: type[ModelT], max_tokens: int) -> type[ModelT]:
+    """`request` with its token budgets bounded by a server's limit, so that its schema states the limit and a
+    request over it is invalid on its face."""
+    budget = Annotated[int, Field(ge=0, le=max_tokens), BeforeValidator(p.whole_number)]
+    fields: dict[str, Any] = {}
+    for name in ("max_tokens", "max_completion_tokens"):
+        if name in request.model_fields:
+            default = request.model_fields[name].default
+            fields[name] = (budget if default is not None else budget | None, default)
+    return create_model(request.__name__, __base__=request, **fields)
 
 
 class Admission:
@@ -267,14 +280,8 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
         return p.dump(p.ModelList(data=[p.ModelCard(id=engine.name, max_model_len=engine.max_model_len)]))
 
     # the schema states this server's generation limit, so a request over it is invalid on its face
-    budget = Annotated[int, Field(ge=0, le=limits.max_tokens), BeforeValidator(p.whole_number)]
-    completion_request = create_model("CompletionRequest", __base__=p.CompletionRequest, max_tokens=(budget, 16))
-    chat_request = create_model(
-        "ChatCompletionRequest",
-        __base__=p.ChatCompletionRequest,
-        max_tokens=(budget | None, None),
-        max_completion_tokens=(budget | None, None),
-    )
+    completion_request = bounded(p.CompletionRequest, limits.max_tokens)
+    chat_request = bounded(p.ChatCompletionRequest, limits.max_tokens)
 
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
         check_model(body.model)

@@ -17,16 +17,17 @@ import asyncio
 import dataclasses
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import FastAPI
 from fastapi.responses import StreamingResponse
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.client import AsyncCloudClient
-from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, openai_app
+from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, bounded, openai_app
 from fedlm.fusion.decoder import FusedDecoder, FusionConfig, FusionResult
 from fedlm.fusion.rules import FusionRule
 from fedlm.models import LoadedModel
@@ -35,6 +36,14 @@ from fedlm.privacy import EgressGate
 from fedlm.serve.provenance import provenance
 
 MODEL_NAME = "fedlm-fused"
+
+
+class GatewayCompletionRequest(p.SamplingFields):
+    """A completion as the endpoint serves it so far: no echo, logprobs or stream, so the schema offers none."""
+
+    prompt: p.NonEmptyText
+    max_tokens: p.Count = 16
+    stream: Literal[False] = False
 
 
 @dataclass
@@ -53,20 +62,26 @@ class Gateway:
 
 def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
     app = openai_app("fedlm serve", api_key, limits.max_body_bytes)
+    completion_request = bounded(GatewayCompletionRequest, limits.max_tokens)
+    chat_request = bounded(p.ChatCompletionRequest, limits.max_tokens)
     admission = Admission(limits.max_pending, limits.retry_after_s)
-    turn = asyncio.Lock()  # one generation at a time (see the module's docstring)
-    clients: dict[str, AsyncCloudClient] = {}  # one cloud client, made on the server's loop, kept across requests
+    # one generation at a time (see the module's docstring), and one cloud client kept across requests: both belong
+    # to the event loop that serves (a server has one; a test transport may run each request on a loop of its own)
+    per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Lock, AsyncCloudClient | None]]
+    per_loop = weakref.WeakKeyDictionary()
     max_model_len = int(getattr(gateway.edge.model.config, "max_position_embeddings", 2048))
 
     async def fused(prompt: str, history: list[dict[str, str]], max_tokens: int) -> FusionResult:
         config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
-        cloud = None
-        if gateway.cloud_url is not None:
-            if "cloud" not in clients:
-                clients["cloud"] = AsyncCloudClient(
+        loop = asyncio.get_running_loop()
+        if loop not in per_loop:
+            cloud = None
+            if gateway.cloud_url is not None:
+                cloud = AsyncCloudClient(
                     gateway.cloud_url, gateway.cloud_api_key, gateway.cloud_model, egress=gateway.gate
                 )
-            cloud = clients["cloud"]
+            per_loop[loop] = (asyncio.Lock(), cloud)
+        turn, cloud = per_loop[loop]
         async with turn:
             return await FusedDecoder(gateway.edge, gateway.rule, cloud, config).generate(prompt, history)
 
@@ -90,12 +105,16 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                 code="model_not_found",
             )
 
-    @app.post("/v1/chat/completions", responses=STREAMED)
     async def chat(body: p.ChatCompletionRequest) -> Any:
         check_model(body.model)
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         if messages[-1]["role"] != "user":
-            raise APIError(400, "the last message must be the user's: it is the turn answered", param="messages")
+            raise APIError(
+                400,
+                "the last message must be the user's: it is the turn answered",
+                param="messages",
+                code="last_message_not_user",
+            )
         with admission.held():
             result = await fused(messages[-1]["content"], messages[:-1], body.token_budget(gateway.config.max_tokens))
         usage = _usage(result)
@@ -106,18 +125,18 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         reply = p.dump(p.ChatCompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
         return {**reply, "fedlm": extension(result)}
 
-    @app.post("/v1/completions")
-    async def completions(body: p.CompletionRequest) -> Any:
+    async def completions(body: GatewayCompletionRequest) -> Any:
         check_model(body.model)
-        if body.echo or body.logprobs is not None or body.stream:
-            raise APIError(400, "echo, logprobs and stream on completions are not served yet", param="echo")
         with admission.held():
-            result = await fused(str(body.prompt), [], body.max_tokens)
+            result = await fused(body.prompt, [], body.max_tokens)
         finish = "length" if len(result.tokens) >= body.max_tokens else "stop"
         choice = p.CompletionChoice(text=result.text, finish_reason=finish)
         reply = p.dump(p.CompletionResponse(model=MODEL_NAME, choices=[choice], usage=_usage(result)))
         return {**reply, "fedlm": extension(result)}
 
+    chat.__annotations__["body"], completions.__annotations__["body"] = chat_request, completion_request
+    app.post("/v1/chat/completions", responses=STREAMED)(chat)
+    app.post("/v1/completions")(completions)
     return app
 
 
