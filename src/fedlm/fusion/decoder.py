@@ -31,7 +31,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -85,6 +85,7 @@ class _State:
     start: float
     answer: bytes = b""
     chars: int = 0  # characters the answer's bytes start (`char_len`), kept as it grows rather than recounted
+    on_token: Callable[[FusedToken], None] | None = None  # told of each token the moment it is decided
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,15 @@ class FusedDecoder:
         self.aligner = VocabAligner(edge.tokenizer, self.eos_ids)
         self.stops = chat_stops(edge.tokenizer)
 
-    async def generate(self, prompt: str, history: Sequence[dict[str, str]] = ()) -> FusionResult:
+    async def generate(
+        self,
+        prompt: str,
+        history: Sequence[dict[str, str]] = (),
+        on_token: Callable[[FusedToken], None] | None = None,
+    ) -> FusionResult:
         """Answer `prompt`, the user's turn after the conversation's earlier messages in `history` (role, content):
-        the edge reads them through its chat template, the cloud as a transcript before its own prefix."""
+        the edge reads them through its chat template, the cloud as a transcript before its own prefix. `on_token`
+        hears each token as it is decided (a stop string's tokens are trimmed from the result afterwards)."""
         result = FusionResult()
         start = time.perf_counter()
         prompt_ids = chat_prompt_ids(self.edge.tokenizer, [*history, {"role": "user", "content": prompt}])
@@ -145,7 +152,7 @@ class FusedDecoder:
         asked = await self._send(link, turn, "", result) if link is not None and self.config.lookahead == 1 else None
         read_prompt = partial(EdgeDecoder, self.edge, prompt_ids, base=self.rule.needs_base)
         decoder = await asyncio.to_thread(read_prompt) if asked else read_prompt()
-        state = _State(decoder, len(decoder.ids), start)
+        state = _State(decoder, len(decoder.ids), start, on_token=on_token)
         drafts: list[tuple[int, Beliefs]] = []
         while True:
             if link is not None and self.config.lookahead == 1:
@@ -278,6 +285,8 @@ class FusedDecoder:
             state.answer += self.token_bytes[choice]
             state.chars += char_len(self.token_bytes[choice])
             result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
+            if state.on_token is not None:
+                state.on_token(result.tokens[-1])
             if choice != token_id:  # overturned: forget this draft's rest and anything drafted after it
                 state.decoder.rollback(state.prompt_len + len(result.tokens) - 1, before)
                 state.decoder.defer(choice)

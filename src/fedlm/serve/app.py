@@ -8,7 +8,7 @@ clients ignore.
 
 One generation runs at a time, by design: the edge model is one set of weights on a device's CPU, and two
 generations side by side would only share its cores. Requests beyond it wait their turn, up to `max_pending` in
-hand; a streamed answer is sent once it is complete (token-by-token streaming is not served yet).
+hand. A streamed chat answer goes out token by token as fusion decides it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import dataclasses
 import json
 import time
 import weakref
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -27,10 +27,11 @@ from fastapi.responses import StreamingResponse
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.client import AsyncCloudClient
-from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, bounded, openai_app
-from fedlm.fusion.decoder import FusedDecoder, FusionConfig, FusionResult
+from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, Ticket, bounded, openai_app
+from fedlm.fusion.decoder import FusedDecoder, FusedToken, FusionConfig, FusionResult
 from fedlm.fusion.rules import FusionRule
 from fedlm.models import LoadedModel
+from fedlm.models.chat import chat_stops
 from fedlm.models.token_bytes import complete_prefix_len
 from fedlm.privacy import EgressGate
 from fedlm.serve.provenance import provenance
@@ -70,8 +71,14 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
     per_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, tuple[asyncio.Lock, AsyncCloudClient | None]]
     per_loop = weakref.WeakKeyDictionary()
     max_model_len = int(getattr(gateway.edge.model.config, "max_position_embeddings", 2048))
+    live = not chat_stops(gateway.edge.tokenizer)  # a turn that ends at a stop string is streamed when complete
 
-    async def fused(prompt: str, history: list[dict[str, str]], max_tokens: int) -> FusionResult:
+    async def fused(
+        prompt: str,
+        history: list[dict[str, str]],
+        max_tokens: int,
+        on_token: Callable[[FusedToken], None] | None = None,
+    ) -> FusionResult:
         config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
         loop = asyncio.get_running_loop()
         if loop not in per_loop:
@@ -83,7 +90,8 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
             per_loop[loop] = (asyncio.Lock(), cloud)
         turn, cloud = per_loop[loop]
         async with turn:
-            return await FusedDecoder(gateway.edge, gateway.rule, cloud, config).generate(prompt, history)
+            decoder = FusedDecoder(gateway.edge, gateway.rule, cloud, config)
+            return await decoder.generate(prompt, history, on_token)
 
     def extension(result: FusionResult) -> dict[str, Any]:
         return provenance(result, gateway.gate.policy.value, gateway.adapter).model_dump()
@@ -115,12 +123,16 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                 param="messages",
                 code="last_message_not_user",
             )
-        with admission.held():
-            result = await fused(messages[-1]["content"], messages[:-1], body.token_budget(gateway.config.max_tokens))
-        usage = _usage(result)
-        finish = "length" if len(result.tokens) >= body.token_budget(gateway.config.max_tokens) else "stop"
+        budget = body.token_budget(gateway.config.max_tokens)
         if body.stream:
-            return _chat_stream(result, finish, extension(result))
+            with admission.held() as ticket:
+                tokens: asyncio.Queue[FusedToken | None] = asyncio.Queue()
+                work = fused(messages[-1]["content"], messages[:-1], budget, tokens.put_nowait)
+                return _chat_stream(ticket, asyncio.ensure_future(work), tokens, budget, extension, live)
+        with admission.held():
+            result = await fused(messages[-1]["content"], messages[:-1], budget)
+        usage = _usage(result)
+        finish = "length" if len(result.tokens) >= budget else "stop"
         choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=finish)
         reply = p.dump(p.ChatCompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
         return {**reply, "fedlm": extension(result)}
@@ -145,9 +157,19 @@ def _usage(result: FusionResult) -> p.Usage:
     return p.Usage(prompt_tokens=result.prompt_tokens, completion_tokens=len(result.tokens), total_tokens=total)
 
 
-def _chat_stream(result: FusionResult, finish: str, fedlm: dict[str, Any]) -> StreamingResponse:
-    """The answer as chat chunks, one per token, then the finish with the provenance, then `[DONE]`."""
+def _chat_stream(
+    ticket: Ticket,
+    work: asyncio.Future[FusionResult],
+    tokens: asyncio.Queue[FusedToken | None],
+    budget: int,
+    extension: Callable[[FusionResult], dict[str, Any]],
+    live: bool,
+) -> StreamingResponse:
+    """The answer as chat chunks while it is decided, then the finish with the provenance, then `[DONE]`. Text is
+    sent once its characters are whole; with `live` off (an edge without a chat template, whose turn ends at a stop
+    string that is trimmed afterwards) it is sent at the end. A client that hangs up cancels the generation."""
     chunk_id, created = p.new_id("chatcmpl"), int(time.time())
+    work.add_done_callback(lambda _: tokens.put_nowait(None))
 
     def chunk(delta: dict[str, Any], finish_reason: str | None = None, **extra: Any) -> bytes:
         body = {
@@ -162,16 +184,23 @@ def _chat_stream(result: FusionResult, finish: str, fedlm: dict[str, Any]) -> St
 
     async def events() -> AsyncIterator[bytes]:
         yield chunk({"role": "assistant", "content": ""})
-        pending = b""  # bytes of a character not yet complete are held back, as the cloud service does
-        for token in result.tokens:
-            pending += token.raw
-            ready = complete_prefix_len(pending)
-            if ready:
-                yield chunk({"content": pending[:ready].decode("utf-8", "replace")})
-                pending = pending[ready:]
-        if pending:
-            yield chunk({"content": pending.decode("utf-8", "replace")})
-        yield chunk({}, finish, fedlm=fedlm)
+        raw, sent = b"", 0  # the answer's bytes so far, and how many characters of it went out
+        try:
+            while (token := await tokens.get()) is not None:
+                raw += token.raw
+                text = raw[: complete_prefix_len(raw)].decode("utf-8", "replace")
+                if live and len(text) > sent:
+                    yield chunk({"content": text[sent:]})
+                    sent = len(text)
+            result = await work
+        finally:
+            work.cancel()  # a no-op once done; a client that left stops the generation here
+        if len(result.text) > sent:
+            yield chunk({"content": result.text[sent:]})
+        finish = "length" if len(result.tokens) >= budget else "stop"
+        yield chunk({}, finish, fedlm=extension(result))
         yield b"data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return StreamingResponse(
+        ticket.carried(events()), media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
