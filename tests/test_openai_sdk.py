@@ -1,7 +1,6 @@
 """The official `openai` package, pointed at `fedlm cloud serve` started as a real process."""
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,12 +11,12 @@ import httpx
 import pytest
 from openai import OpenAI
 
+from fedlm.net import free_port
+
 
 @pytest.fixture(scope="module")
 def served(tiny_model_dir: Path) -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [
         sys.executable,
         "-m",

@@ -9,21 +9,16 @@ load generator's event loop does not share an interpreter with it.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, Literal
 
 import httpx
 
-from fedlm.bench.placement import wait_healthy
-from fedlm.net import LOOPBACK, free_port
+from fedlm.bench.placement import fedlm_service
 
 Service = Literal["cloud", "kv"]
 PROMPT = "Write a short paragraph about lighthouses."
@@ -33,23 +28,8 @@ HEALTH_EVERY_S = 0.1
 @contextmanager
 def serving(service: Service, model: str, extra: list[str], startup_timeout_s: float = 300.0) -> Iterator[str]:
     """Run `fedlm <service> serve` on a free loopback port for the block; yields its root URL."""
-    port = free_port()
-    root = f"http://{LOOPBACK}:{port}"
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedlm-load-{port}.log"
-    command = [sys.executable, "-m", "fedlm", service, "serve", "--model", model, "--port", str(port), *extra]
-    with log.open("w") as sink:
-        process = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(process, root, log, startup_timeout_s)
+    with fedlm_service([service, "serve", "--model", model, *extra], startup_timeout_s) as root:
         yield root
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.unlink(missing_ok=True)
 
 
 def _request(service: Service, model: str, max_tokens: int) -> tuple[str, dict[str, Any]]:

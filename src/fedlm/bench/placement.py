@@ -18,7 +18,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -70,36 +70,43 @@ def separate_cores(
     if len(cores) <= cloud_cores:
         raise RuntimeError(f"separate cores need more than {cloud_cores} usable cores, this process has {len(cores)}")
     cloud, edge = set(cores[-cloud_cores:]), set(cores[:-cloud_cores])
-    port = free_port()
-    root = f"http://{LOOPBACK}:{port}"
-    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedlm-cloud-{port}.log"
-    command = [
-        sys.executable,
-        "-m",
-        "fedlm",
-        "cloud",
-        "serve",
-        "--model",
-        model,
-        "--port",
-        str(port),
-        "--weights",
-        weights,
-    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(len(cloud))}
     saved_cores, saved_threads = set(os.sched_getaffinity(0)), torch.get_num_threads()
+    args = ["cloud", "serve", "--model", model, "--weights", weights]
+    with fedlm_service(args, startup_timeout_s, env, lambda: os.sched_setaffinity(0, cloud)) as root:
+        try:
+            _pin_process(edge)
+            torch.set_num_threads(len(edge))
+            yield {
+                "placement": "separate",
+                "url": f"{root}/v1",
+                "edge_cores": sorted(edge),
+                "cloud_cores": sorted(cloud),
+            }
+        finally:
+            _pin_process(saved_cores)
+            torch.set_num_threads(saved_threads)
+
+
+@contextmanager
+def fedlm_service(
+    args: list[str],
+    startup_timeout_s: float = 300.0,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> Iterator[str]:
+    """Run `fedlm ARGS --port P` (a service) on a free loopback port for the block, as a process of its own; yields
+    its root URL once `/health` answers, and stops it on exit."""
+    port = free_port()
+    root = f"http://{LOOPBACK}:{port}"
+    log = Path(os.environ.get("TMPDIR", "/tmp")) / f"fedlm-service-{port}.log"
+    command = [sys.executable, "-m", "fedlm", *args, "--port", str(port)]
     with log.open("w") as sink:
-        process = subprocess.Popen(
-            command, env=env, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=lambda: os.sched_setaffinity(0, cloud)
-        )
+        process = subprocess.Popen(command, env=env, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=preexec_fn)
     try:
         wait_healthy(process, root, log, startup_timeout_s)
-        _pin_process(edge)
-        torch.set_num_threads(len(edge))
-        yield {"placement": "separate", "url": f"{root}/v1", "edge_cores": sorted(edge), "cloud_cores": sorted(cloud)}
+        yield root
     finally:
-        _pin_process(saved_cores)
-        torch.set_num_threads(saved_threads)
         process.terminate()
         try:
             process.wait(timeout=15)

@@ -117,6 +117,17 @@ def openai_app(title: str, api_key: str | None = None, max_body_bytes: int = Lim
     return app
 
 
+def require_model(name: str, served: str, kind: str) -> None:
+    """A 404 in OpenAI's words unless `name` is the model this `kind` of service serves."""
+    if name != served:
+        raise APIError(
+            404,
+            f"model {name!r} is not served here; this {kind} serves {served!r} (see /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
+
+
 def bounded(request: type[ModelT], max_tokens: int) -> type[ModelT]:
     """`request` with its token budgets bounded by a server's limit, so that its schema states the limit and a
     request over it is invalid on its face."""
@@ -254,15 +265,6 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | Resp
 def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
     app = openai_app("fedlm cloud", api_key, limits.max_body_bytes)
 
-    def check_model(name: str) -> None:
-        if name != engine.name:
-            raise APIError(
-                404,
-                f"model {name!r} is not served here; this server serves {engine.name!r} (see /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-
     admission = Admission(limits.max_pending, limits.retry_after_s)
 
     def check_length(prompt_ids: list[int], params: SamplingParams, param: str) -> None:
@@ -284,7 +286,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
     chat_request = bounded(p.ChatCompletionRequest, limits.max_tokens)
 
     async def completions(body: p.CompletionRequest, request: Request) -> Any:
-        check_model(body.model)
+        require_model(body.model, engine.name, "server")
         with admission.held() as ticket:
             return await _complete(body, request, ticket)
 
@@ -315,7 +317,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
         return p.dump(p.CompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
     async def chat(body: p.ChatCompletionRequest, request: Request) -> Any:
-        check_model(body.model)
+        require_model(body.model, engine.name, "server")
         with admission.held() as ticket:
             return await _chat(body, request, ticket)
 

@@ -367,9 +367,9 @@ class FusedDecoder:
             with self._counted(cloud, result):
                 response = await asyncio.wait_for(call(), self.config.deadline_ms / 1000)
             result.cloud_ms.append((time.perf_counter() - sent_at) * 1000)
-            found = protocol_of(response) if not link.confirmed else link.reader.protocol
-            if link.reader.protocol == "echo" or found == "none":  # only an echo trial tells echo from ahead
-                cloud.cloud_protocol = found
+            found = link.reader.protocol if link.confirmed else protocol_of(response)
+            if not link.confirmed and (link.reader.protocol == "echo" or found == "none"):
+                cloud.cloud_protocol = found  # only an echo trial tells echo from ahead
         except TimeoutError:
             result.fallbacks += n_drafts
             return None, link

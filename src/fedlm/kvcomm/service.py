@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from pydantic import BeforeValidator, Field, create_model
 
 from fedlm.cloud import protocol as p
-from fedlm.cloud.server import APIError, openai_app
+from fedlm.cloud.server import APIError, openai_app, require_model
 from fedlm.cloud.service import background_app
 from fedlm.kvcomm.fuser import kv_layout
 from fedlm.kvcomm.wire import (
@@ -81,13 +81,7 @@ def create_transmitter_app(
     )
 
     async def kv(body: KVRequest) -> Response:
-        if body.model != model.name:
-            raise APIError(
-                404,
-                f"model {body.model!r} is not served here; this transmitter serves {model.name!r} (see /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+        require_model(body.model, model.name, "transmitter")
         encoded = await asyncio.to_thread(model.tokenizer, body.text, add_special_tokens=True)  # off the loop
         tokens = len(encoded["input_ids"])
         if tokens > max_tokens:

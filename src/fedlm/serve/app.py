@@ -27,7 +27,7 @@ from fastapi.responses import StreamingResponse
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.client import AsyncCloudClient
-from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, Ticket, bounded, openai_app
+from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, Ticket, bounded, openai_app, require_model
 from fedlm.fusion.decoder import FusedDecoder, FusedToken, FusionConfig, FusionResult
 from fedlm.fusion.rules import FusionRule
 from fedlm.models import LoadedModel
@@ -104,17 +104,8 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
     async def models() -> dict[str, Any]:
         return p.dump(p.ModelList(data=[p.ModelCard(id=MODEL_NAME, max_model_len=max_model_len)]))
 
-    def check_model(name: str) -> None:
-        if name != MODEL_NAME:
-            raise APIError(
-                404,
-                f"model {name!r} is not served here; this endpoint serves {MODEL_NAME!r} (see /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-
     async def chat(body: p.ChatCompletionRequest) -> Any:
-        check_model(body.model)
+        require_model(body.model, MODEL_NAME, "endpoint")
         messages = [{"role": m.role if m.role != "developer" else "system", "content": m.text()} for m in body.messages]
         if messages[-1]["role"] != "user":
             raise APIError(
@@ -138,7 +129,7 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         return {**reply, "fedlm": extension(result)}
 
     async def completions(body: GatewayCompletionRequest) -> Any:
-        check_model(body.model)
+        require_model(body.model, MODEL_NAME, "endpoint")
         with admission.held():
             result = await fused(body.prompt, [], body.max_tokens)
         finish = "length" if len(result.tokens) >= body.max_tokens else "stop"
@@ -184,14 +175,15 @@ def _chat_stream(
 
     async def events() -> AsyncIterator[bytes]:
         yield chunk({"role": "assistant", "content": ""})
-        raw, sent = b"", 0  # the answer's bytes so far, and how many characters of it went out
+        pending, sent = b"", 0  # bytes not sent yet (a character still incomplete), and characters sent
         try:
             while (token := await tokens.get()) is not None:
-                raw += token.raw
-                text = raw[: complete_prefix_len(raw)].decode("utf-8", "replace")
-                if live and len(text) > sent:
-                    yield chunk({"content": text[sent:]})
-                    sent = len(text)
+                pending += token.raw
+                ready = complete_prefix_len(pending)
+                if live and ready:
+                    text, pending = pending[:ready].decode("utf-8", "replace"), pending[ready:]
+                    yield chunk({"content": text})
+                    sent += len(text)
             result = await work
         finally:
             work.cancel()  # a no-op once done; a client that left stops the generation here
