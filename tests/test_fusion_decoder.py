@@ -452,7 +452,7 @@ def test_router_weighs_base_adapted_and_cloud(tmp_path, tiny_url: str) -> None:
     adapted = _with_random_adapter(tiny_loaded("llama"), tmp_path / "adapter")
     beliefs = EdgeDecoder(adapted, adapted.tokenizer("Once upon a time")["input_ids"]).next_beliefs
     assert beliefs.adapted is not None and not torch_equal(beliefs.base, beliefs.adapted)
-    weights = Router().weights(Experts(beliefs.base, None, beliefs.adapted))
+    weights = Router().mixture_weights(Experts(beliefs.base, None, beliefs.adapted))
     assert set(weights) == {"edge", "adapted"} and abs(sum(weights.values()) - 1) < 1e-9
 
 

@@ -39,7 +39,7 @@ def test_without_cloud_every_rule_is_the_edge() -> None:
 
 def test_router_weights_follow_confidence() -> None:
     confident_cloud = _cloud(0.01, 0.98, 0.01)
-    weights = Router().weights(Experts(EDGE, confident_cloud))
+    weights = Router().mixture_weights(Experts(EDGE, confident_cloud))
     assert weights["cloud"] > weights["edge"] and abs(sum(weights.values()) - 1) < 1e-9
     h_edge, h_cloud = entropy(EDGE), confident_cloud.entropy
     assert weights["cloud"] / weights["edge"] == pytest.approx(math.exp(h_edge - h_cloud))
@@ -51,7 +51,7 @@ def test_router_weights_follow_confidence() -> None:
 def test_router_takes_the_adapted_edge_as_a_third_expert() -> None:
     adapted = _dist(0.05, 0.05, 0.9)
     experts = Experts(EDGE, CLOUD, adapted)
-    weights = Router().weights(experts)
+    weights = Router().mixture_weights(experts)
     confidence = {
         "edge": math.exp(-entropy(EDGE)),
         "adapted": math.exp(-entropy(adapted)),

@@ -4,10 +4,10 @@ import math
 
 import torch
 
-from fedlm.cloud.logprobs import CloudCandidate
+from fedlm.cloud.logprobs import CloudCandidate, CloudText, CloudToken
 from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import EdgeOnly, Experts, LogLinear, ProxyTuning, Router, TokenRouting
-from fedlm.fusion.step import experts_at, fuse_at
+from fedlm.fusion.step import experts_at, fuse_at, score_target
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models.tiny import tiny_tokenizer
 from fedlm.models.token_bytes import token_bytes_table
@@ -54,4 +54,53 @@ def test_plain_edge_beliefs_fuse_as_experts_of_the_edge_alone() -> None:
     assert (
         torch.allclose(cloud_alone.logprobs, projection.logprobs, atol=1e-6)
         and int(cloud_alone.logprobs.argmax()) == PA
+    )
+
+
+def _cloud_reading(pieces: list[tuple[str, float]], start: int) -> CloudText:
+    """A cloud that read the text from `start` as `pieces` (its own tokens), each with its logprob and itself as
+    the only candidate."""
+    tokens, at = {}, start
+    for text, logprob in pieces:
+        own = CloudCandidate(text.encode(), logprob)
+        tokens[at] = CloudToken(text, own.raw, logprob, at, at + len(text), (own,))
+        at += len(text)
+    return CloudText(tokens)
+
+
+def test_a_mixture_is_scored_between_shared_boundaries_each_model_in_its_own_tokens() -> None:
+    # the edge reads " Paris" as " Pa" + "ris"; the cloud as one token " Paris", then " is" shared by both
+    context = "Q:"
+    edge_ids = EDGE(" Paris is", add_special_tokens=False)["input_ids"]
+    starts = [len(context)]
+    for token in edge_ids[:-1]:
+        starts.append(starts[-1] + len(TABLE[token].decode()))
+    assert len(edge_ids) == 3 and starts[2] == len(context + " Paris")
+    beliefs = [_logprobs(seed) for seed in range(3)]
+    cloud = _cloud_reading([(" Paris", math.log(0.6)), (" is", math.log(0.5))], len(context))
+    positions = [
+        (token, at, experts_at(ALIGNER, Beliefs(before), cloud.candidates_at(at)))
+        for token, at, before in zip(edge_ids, starts, beliefs, strict=True)
+    ]
+    assert positions[1][2].cloud is None  # "ris" starts inside the cloud's " Paris": no shared boundary
+    end = len(context + " Paris is")
+    total, informed = score_target(Router(), positions, cloud, end)
+    expected = 0.0
+    for first, last, cloud_logprob in ((0, 2, math.log(0.6)), (2, 3, math.log(0.5))):
+        weights = Router().mixture_weights(positions[first][2])
+        edge_logprob = sum(float(beliefs[i][edge_ids[i]]) for i in range(first, last))
+        expected += math.log(weights["edge"] * math.exp(edge_logprob) + weights["cloud"] * math.exp(cloud_logprob))
+    assert informed == 3 and math.isclose(total, expected, rel_tol=1e-9)
+    # a product rule is scored token by token instead, the edge alone where the cloud has no boundary
+    total, informed = score_target(LogLinear(0.5), positions, cloud, end)
+    by_token = sum(float(LogLinear(0.5).fuse(experts)[token]) for token, _, experts in positions)
+    assert informed == 2 and math.isclose(total, by_token, rel_tol=1e-9)
+    # where the cloud said nothing at all, the mixture is the edge alone
+    silent = [
+        (token, at, experts_at(ALIGNER, Beliefs(before), None))
+        for token, at, before in zip(edge_ids, starts, beliefs, strict=True)
+    ]
+    total, informed = score_target(Router(), silent, CloudText({}), end)
+    assert informed == 0 and math.isclose(
+        total, sum(float(b[t]) for t, b in zip(edge_ids, beliefs, strict=True)), rel_tol=1e-9
     )

@@ -151,18 +151,24 @@ def read_scored(response: dict[str, Any], context: str, target: str) -> Scored:
 
 @dataclass(frozen=True)
 class CloudText:
-    """The cloud's reading of a text: at each character offset where one of its tokens starts, that token's
-    bytes and the candidates it weighed there; `end` is where its last token ends."""
+    """The cloud's reading of a text, by where each of its tokens starts: what the token spells, its logprob (None
+    where nothing predicts it) and the candidates it weighed there."""
 
-    at: dict[int, tuple[bytes, list[CloudCandidate]]]
-    end: int
+    tokens: dict[int, CloudToken]
 
     def candidates_at(self, offset: int) -> list[CloudCandidate] | None:
-        found = self.at.get(offset)
-        return found[1] if found else None
+        token = self.tokens.get(offset)
+        return list(token.top) if token and token.top else None
+
+    def logprob_between(self, start: int, end: int) -> float:
+        """The cloud's log-probability of the text from character `start` to `end`, both where its tokens start
+        (or `end` at the end of the text): the sum over its own tokens in between."""
+        inside = [t for at, t in self.tokens.items() if start <= at < end]
+        if any(t.logprob is None for t in inside):
+            raise LogprobsMissing("the server returned no logprob for a scored token; put context before the target")
+        return sum(t.logprob for t in inside)  # type: ignore[misc]
 
 
 def read_cloud_text(response: dict[str, Any], text: str) -> CloudText:
-    """The candidates of an `echo` reply with `logprobs=k` that reads `text` back, by where each token starts."""
-    tokens = read_echo(response, text)
-    return CloudText({t.start: (t.raw, list(t.top)) for t in tokens if t.top}, len(text))
+    """The cloud's reading of an `echo` reply with `logprobs=k` that reads `text` back."""
+    return CloudText({t.start: t for t in read_echo(response, text) if t.start >= 0})

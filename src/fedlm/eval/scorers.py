@@ -19,7 +19,7 @@ from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
 from fedlm.egress import EgressHook
 from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import FusionRule
-from fedlm.fusion.step import fuse_at
+from fedlm.fusion.step import experts_at, score_target
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.token_bytes import token_bytes_table, token_starts
@@ -133,10 +133,11 @@ class CloudScorer:
 class FusedScorer:
     """Scores with the fused distribution: the edge in process, the cloud through its HTTP API.
 
-    The target is read in the edge's tokens. At each target token whose start is also where a cloud token starts
-    (a shared text boundary) the fused distribution gives its probability; elsewhere the edge's does. Each factor
-    is a proper distribution over the edge's next token, so the sum is the code length of the target under the
-    fused model, and bits per byte stay comparable with edge-only and cloud-only scores.
+    The target is read in the edge's tokens, fused where the cloud has a token start too (a shared text boundary).
+    A mixture rule (the router) weighs each stretch between shared boundaries whole, each model reading it in its
+    own tokens; any other rule fuses token by token over the edge vocabulary (`fusion.step.score_target`). Either
+    way each factor is a proper distribution, so the sum is the code length of the target under the fused model,
+    and bits per byte stay comparable with edge-only and cloud-only scores.
     """
 
     def __init__(
@@ -166,12 +167,13 @@ class FusedScorer:
         views = self.cloud.views(pairs, self.top_logprobs)
         out = []
         for (context, target), view in zip(pairs, views, strict=True):
-            total = 0.0
-            for token_id, start, before in self.edge.target_positions(context, target):
-                fused = fuse_at(self.rule, self.aligner, Beliefs(before), view.candidates_at(start))
-                self.target_tokens += 1
-                self.fused_tokens += fused.cloud_informed
-                total += float(fused.logprobs[token_id])
+            positions = [
+                (token, start, experts_at(self.aligner, Beliefs(before), view.candidates_at(start)))
+                for token, start, before in self.edge.target_positions(context, target)
+            ]
+            total, informed = score_target(self.rule, positions, view, len(context + target))
+            self.target_tokens += len(positions)
+            self.fused_tokens += informed
             out.append(total)
             if progress:
                 progress(1)

@@ -43,6 +43,15 @@ class FusionRule(Protocol):
 
     def fuse(self, experts: Experts) -> torch.Tensor: ...
 
+    def mixture_weights(self, experts: Experts) -> dict[str, float] | None:
+        """For a rule that mixes the experts' distributions (p = sum w_i p_i), the weights it gives each expert
+        ("edge", "adapted", "cloud") at this position; None for any other rule.
+
+        A mixture whose weights depend only on what came before is a proper distribution over whole strings too,
+        so a text can be scored one shared token boundary to the next with each model's own tokens, which spares
+        the projection where the two tokenizers cut the text differently."""
+        ...
+
 
 class CloudRule:
     """What most rules need: the cloud, at every position. A rule that needs less overrides these."""
@@ -52,6 +61,9 @@ class CloudRule:
 
     def wants_cloud(self, local: torch.Tensor) -> bool:
         return True
+
+    def mixture_weights(self, experts: Experts) -> dict[str, float] | None:
+        return None
 
 
 def entropy(logprobs: torch.Tensor) -> float:
@@ -74,6 +86,9 @@ class EdgeOnly:
 
     def fuse(self, experts: Experts) -> torch.Tensor:
         return experts.local
+
+    def mixture_weights(self, experts: Experts) -> dict[str, float] | None:
+        return None
 
 
 @dataclass
@@ -100,7 +115,7 @@ class Router(CloudRule):
     name = "router"
     needs_base = True
 
-    def weights(self, experts: Experts) -> dict[str, float]:
+    def mixture_weights(self, experts: Experts) -> dict[str, float]:
         assert experts.edge is not None, "the router reads the base edge (needs_base)"
         scores = {"edge": entropy(experts.edge)}
         if experts.adapted is not None:
@@ -119,7 +134,7 @@ class Router(CloudRule):
             "cloud": experts.cloud.logprobs if experts.cloud else None,
         }
         mixed = None
-        for name, weight in self.weights(experts).items():
+        for name, weight in self.mixture_weights(experts).items():
             part = beliefs[name] + math.log(weight)
             mixed = part if mixed is None else torch.logaddexp(mixed, part)
         return mixed

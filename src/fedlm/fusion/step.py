@@ -8,11 +8,13 @@ projection. Where the cloud said nothing (not asked, late, or no shared text bou
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from fedlm.cloud.logprobs import CloudCandidate
+from fedlm.cloud.logprobs import CloudCandidate, CloudText
 from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import Experts, FusionRule
 from fedlm.fusion.vocab import VocabAligner
@@ -38,3 +40,41 @@ def fuse_at(
     """Fuse the edge's `beliefs` with the cloud's `candidates` at one position under `rule`."""
     experts = experts_at(aligner, beliefs, candidates)
     return FusedStep(rule.fuse(experts), experts.cloud is not None)
+
+
+def score_target(
+    rule: FusionRule, positions: Sequence[tuple[int, int, Experts]], cloud: CloudText, end: int
+) -> tuple[float, int]:
+    """The fused log-probability of a target read in the edge's tokens, and how many of them the cloud informed.
+
+    `positions` holds (token id, start offset, experts) for each target token; the text ends at character `end`.
+    A rule that mixes (`mixture_weights`) is scored one shared boundary to the next: from a token start that both
+    tokenizers share to the next one, the segment's probability is the weighted sum of what each model gives that
+    stretch of text in its own tokens, weighted at the segment's start. Any other rule is scored token by token,
+    over the edge vocabulary, with the cloud's candidates projected where it has them.
+    """
+    if not positions:
+        return 0.0, 0
+    if rule.mixture_weights(positions[0][2]) is None:
+        total = sum(float(rule.fuse(experts)[token]) for token, _, experts in positions)
+        return total, sum(experts.cloud is not None for _, _, experts in positions)
+    # segments open at the first target token and at every later one where the cloud has a token start too
+    opens = [i for i, (_, _, experts) in enumerate(positions) if i == 0 or experts.cloud is not None]
+    total, informed = 0.0, 0
+    for first, stop in zip(opens, [*opens[1:], len(positions)], strict=True):
+        segment = positions[first:stop]
+        weights = rule.mixture_weights(segment[0][2])
+        assert weights is not None
+        segment_end = positions[stop][1] if stop < len(positions) else end
+        parts = []
+        for name, weight in weights.items():
+            if weight <= 0:
+                continue
+            if name == "cloud":
+                logprob = cloud.logprob_between(segment[0][1], segment_end)
+            else:
+                logprob = sum(float(getattr(experts, name)[token]) for token, _, experts in segment)
+            parts.append(math.log(weight) + logprob)
+        total += float(torch.logsumexp(torch.tensor(parts, dtype=torch.float64), 0))
+        informed += len(segment) if "cloud" in weights else 0
+    return total, informed
