@@ -7,7 +7,7 @@ import torch
 from fedlm.cloud.logprobs import CloudCandidate, CloudText, CloudToken
 from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import EdgeOnly, Experts, LogLinear, ProxyTuning, Router, TokenRouting
-from fedlm.fusion.step import experts_at, fuse_at, score_target
+from fedlm.fusion.step import experts_at, fuse_at, score_target, target_logprobs
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models.tiny import tiny_tokenizer
 from fedlm.models.token_bytes import token_bytes_table
@@ -90,17 +90,20 @@ def test_a_mixture_is_scored_between_shared_boundaries_each_model_in_its_own_tok
         weights = Router().mixture_weights(positions[first][2])
         edge_logprob = sum(float(beliefs[i][edge_ids[i]]) for i in range(first, last))
         expected += math.log(weights["edge"] * math.exp(edge_logprob) + weights["cloud"] * math.exp(cloud_logprob))
-    assert informed == 3 and math.isclose(total, expected, rel_tol=1e-9)
+    assert informed == [True] * 3 and math.isclose(total, expected, rel_tol=1e-9)
+    # each token's share by the chain rule: none is above certainty, and together they make the stretches' sum
+    per_token, _ = target_logprobs(Router(), positions, cloud, end)
+    assert all(value <= 0 for value in per_token) and math.isclose(sum(per_token), expected, rel_tol=1e-9)
     # a product rule is scored token by token instead, the edge alone where the cloud has no boundary
     total, informed = score_target(LogLinear(0.5), positions, cloud, end)
     by_token = sum(float(LogLinear(0.5).fuse(experts)[token]) for token, _, experts in positions)
-    assert informed == 2 and math.isclose(total, by_token, rel_tol=1e-9)
+    assert informed == [True, False, True] and math.isclose(total, by_token, rel_tol=1e-9)
     # where the cloud said nothing at all, the mixture is the edge alone
     silent = [
         (token, at, experts_at(ALIGNER, Beliefs(before), None))
         for token, at, before in zip(edge_ids, starts, beliefs, strict=True)
     ]
     total, informed = score_target(Router(), silent, CloudText({}), end)
-    assert informed == 0 and math.isclose(
+    assert informed == [False] * 3 and math.isclose(
         total, sum(float(b[t]) for t, b in zip(edge_ids, beliefs, strict=True)), rel_tol=1e-9
     )

@@ -4,6 +4,7 @@ its provenance beside it."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import openai
@@ -11,6 +12,7 @@ import pytest
 from openai import OpenAI
 
 from fedlm.cloud.service import background_app
+from fedlm.eval.scorers import FusedScorer, LocalScorer
 from fedlm.fusion.decoder import FusionConfig, fuse_once
 from fedlm.fusion.rules import make_rule
 from fedlm.models import LoadedModel
@@ -78,3 +80,61 @@ def test_a_dead_cloud_leaves_the_answer_to_the_edge_with_a_warning(tiny_llama: L
             )
     assert reply.choices[0].message.content == alone.text  # an answer, never an error to the app
     assert reply.model_extra["fedlm"]["warnings"] and set(reply.model_extra["fedlm"]["sources"]) == {"edge"}
+
+
+def test_echo_scores_the_prompt_with_the_fused_model_as_fedlm_eval_does(
+    client: OpenAI, tiny_llama: LoadedModel, tiny_url: str
+) -> None:
+    context, target = "Question: What is the capital of France?\nAnswer:", " Paris"
+    reply = client.completions.create(model=MODEL_NAME, prompt=context + target, max_tokens=0, echo=True, logprobs=3)
+    choice = reply.choices[0]
+    logprobs = choice.logprobs
+    assert choice.text == context + target and "".join(logprobs.tokens) == context + target
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert all(len(top) == 3 for top in logprobs.top_logprobs[1:])
+    in_target = [lp for lp, at in zip(logprobs.token_logprobs, logprobs.text_offset, strict=True) if at >= len(context)]
+    expected = FusedScorer(tiny_llama, make_rule("router"), tiny_url).score([(context, target)])[0]
+    assert in_target and math.isclose(sum(in_target), expected, rel_tol=1e-6, abs_tol=1e-6)
+    fedlm = reply.model_extra["fedlm"]
+    assert "fused" in fedlm["prompt_sources"] and fedlm["cloud_calls"] >= 1 and fedlm["sources"] == []
+    assert reply.usage.prompt_tokens == len(logprobs.tokens) and reply.usage.completion_tokens == 0
+
+
+def test_echo_with_an_answer_as_evaluation_tools_ask(client: OpenAI) -> None:
+    # lm-evaluation-harness asks max_tokens=1, echo, logprobs=1, and drops the one answered token
+    reply = client.completions.create(model=MODEL_NAME, prompt=PROMPT, max_tokens=1, echo=True, logprobs=1)
+    logprobs = reply.choices[0].logprobs
+    assert reply.choices[0].text.startswith(PROMPT) and len(logprobs.tokens) == reply.usage.total_tokens
+    answered = logprobs.top_logprobs[-1]
+    assert logprobs.token_logprobs[-1] == max(answered.values())  # greedy: the answer is its distribution's top
+    chat = client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": PROMPT}], max_tokens=4, logprobs=True, top_logprobs=2
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    spelled = b"".join(bytes(t.bytes) for t in content).decode("utf-8", "replace")
+    assert spelled == chat.choices[0].message.content
+
+
+def test_echo_without_a_cloud_is_the_edge_and_with_a_dead_one_a_503(tiny_llama: LoadedModel) -> None:
+    context, target = "Question: What is the capital of France?\nAnswer:", " Paris"
+    with EgressGate("off") as gate:
+        alone = Gateway(tiny_llama, make_rule("router"), CONFIG, None, gate)
+        with background_app(create_gateway_app(alone), "fedlm serve") as url:
+            reply = OpenAI(base_url=url, api_key="unused", max_retries=0).completions.create(
+                model=MODEL_NAME, prompt=context + target, max_tokens=0, echo=True, logprobs=0
+            )
+        logprobs = reply.choices[0].logprobs
+        in_target = [
+            lp for lp, at in zip(logprobs.token_logprobs, logprobs.text_offset, strict=True) if at >= len(context)
+        ]
+        assert math.isclose(sum(in_target), LocalScorer(tiny_llama).logprob(context, target), rel_tol=1e-6)
+        assert set(reply.model_extra["fedlm"]["prompt_sources"]) == {"edge"}
+        dead = Gateway(tiny_llama, make_rule("router"), CONFIG, "http://127.0.0.1:9/v1", gate)
+        with (
+            background_app(create_gateway_app(dead), "fedlm serve") as url,
+            pytest.raises(openai.InternalServerError, match="cloud"),
+        ):
+            OpenAI(base_url=url, api_key="unused", max_retries=0).completions.create(
+                model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1
+            )

@@ -54,6 +54,19 @@ class Candidate:
     logprob: float
 
 
+def named_candidate(
+    tokenizer: PreTrainedTokenizerBase, token_bytes: list[bytes], token_id: int, logprob: float
+) -> Candidate:
+    """A token as the wire names it: its text (`bytes:\\xNN` for part of a character), or a special token's name."""
+    raw = token_bytes[token_id]
+    text = (
+        token_text(raw)
+        if raw or token_id not in tokenizer.all_special_ids
+        else tokenizer.convert_ids_to_tokens(token_id)
+    )
+    return Candidate(token_id, text, raw, logprob)
+
+
 @dataclass(frozen=True)
 class TokenLogprob:
     """One position: the token that stands there, its logprob (None for a first prompt token) and the top-k."""
@@ -272,13 +285,7 @@ class Engine:
         return batch
 
     def candidate(self, token_id: int, logprob: float) -> Candidate:
-        raw = self.token_bytes[token_id]
-        text = (
-            token_text(raw)
-            if raw or token_id not in self.tokenizer.all_special_ids
-            else self.tokenizer.convert_ids_to_tokens(token_id)
-        )
-        return Candidate(token_id, text, raw, logprob)
+        return named_candidate(self.tokenizer, self.token_bytes, token_id, logprob)
 
     def first_token_reaching(self, prompt_ids: list[int], prompt: str, char: int) -> int:
         """The index of the first prompt token that carries a character at or after offset `char` of `prompt`."""

@@ -312,7 +312,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
         text = (body.prompt if body.echo else "") + result.text
         logprobs = None
         if body.logprobs is not None:
-            logprobs, _ = _completion_logprobs(result.prompt + result.tokens, body.logprobs, text)
+            logprobs, _ = completion_logprobs(result.prompt + result.tokens, body.logprobs, text)
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=result.finish_reason)
         return p.dump(p.CompletionResponse(model=engine.name, choices=[choice], usage=_usage(result)))
 
@@ -342,7 +342,7 @@ def create_app(engine: Engine, api_key: str | None = None, limits: Limits = Limi
         result = await _unless_disconnected(request, engine.complete(ids, params))
         if isinstance(result, Response):
             return result
-        logprobs = p.ChoiceLogprobs(content=[_chat_logprob(t) for t in result.tokens]) if body.logprobs else None
+        logprobs = p.ChoiceLogprobs(content=[chat_logprob(t) for t in result.tokens]) if body.logprobs else None
         choice = p.ChatChoice(
             message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=result.finish_reason
         )
@@ -362,7 +362,7 @@ def _usage(result: Completion) -> p.Usage:
     )
 
 
-def _completion_logprobs(
+def completion_logprobs(
     positions: list[TokenLogprob], k: int, text: str, start_offset: int = 0
 ) -> tuple[p.CompletionLogprobs, int]:
     """Legacy logprobs, with `text_offset` as character offsets into the returned text; also where they end."""
@@ -383,7 +383,7 @@ def _completion_logprobs(
     )
 
 
-def _chat_logprob(position: TokenLogprob) -> p.ChatTokenLogprob:
+def chat_logprob(position: TokenLogprob) -> p.ChatTokenLogprob:
     token = position.token
     top = [p.TopLogprob(token=c.text, logprob=c.logprob, bytes=list(c.raw)) for c in position.top]
     return p.ChatTokenLogprob(token=token.text, logprob=token.logprob, bytes=list(token.raw), top_logprobs=top)
@@ -422,7 +422,7 @@ async def _chat_chunks(
     async for event in engine.stream(ids, params):
         count += len(event.tokens)
         logprobs = (
-            p.ChoiceLogprobs(content=[_chat_logprob(t) for t in event.tokens])
+            p.ChoiceLogprobs(content=[chat_logprob(t) for t in event.tokens])
             if params.top_logprobs is not None and event.tokens
             else None
         )
@@ -447,6 +447,6 @@ async def _completion_chunks(
         emitted += text
         logprobs = None
         if params.top_logprobs is not None:
-            logprobs, offset = _completion_logprobs(positions, params.top_logprobs, emitted, offset)
+            logprobs, offset = completion_logprobs(positions, params.top_logprobs, emitted, offset)
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=event.finish_reason)
         yield p.dump(p.CompletionResponse(id=chunk_id, created=created, model=engine.name, choices=[choice]))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
@@ -19,7 +20,7 @@ from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
 from fedlm.egress import EgressHook
 from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import FusionRule
-from fedlm.fusion.step import experts_at, score_target
+from fedlm.fusion.step import experts_at, score_target, target_logprobs
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.token_bytes import token_bytes_table, token_starts
@@ -45,16 +46,21 @@ class LocalScorer:
         self.names = self.tokenizer.convert_ids_to_tokens(list(range(len(self.token_bytes))))
 
     @torch.no_grad()
-    def target_positions(self, context: str, target: str) -> list[tuple[int, int, torch.Tensor]]:
-        """(token id, start offset, distribution it was drawn from) for each token that carries target text."""
-        text = context + target
+    def positions(self, text: str) -> list[tuple[int, int, int, torch.Tensor | None]]:
+        """(token id, start offset, end offset, distribution it was drawn from) for each token of `text`; the first
+        token, which nothing predicts, has no distribution."""
         ids = self.tokenizer(text, add_special_tokens=True)["input_ids"]
         logprobs = self.model(input_ids=torch.tensor([ids])).logits[0].float().log_softmax(-1)
         starts, end = token_starts(((self.token_bytes[i], self.names[i]) for i in ids), text)
         ends = [*starts[1:], end]
-        if ends[0] > len(context):
+        return [(ids[i], starts[i], ends[i], logprobs[i - 1] if i else None) for i in range(len(ids))]
+
+    def target_positions(self, context: str, target: str) -> list[tuple[int, int, torch.Tensor]]:
+        """(token id, start offset, distribution it was drawn from) for each token that carries target text."""
+        every = self.positions(context + target)
+        if every[0][2] > len(context):
             raise ValueError("the target starts at the first token, which has no logprob: give it some context")
-        return [(ids[i], starts[i], logprobs[i - 1]) for i in range(1, len(ids)) if ends[i] > len(context)]
+        return [(token, start, before) for token, start, end, before in every[1:] if end > len(context)]
 
     def logprob(self, context: str, target: str) -> float:
         return sum(float(before[token_id]) for token_id, _, before in self.target_positions(context, target))
@@ -173,8 +179,41 @@ class FusedScorer:
             ]
             total, informed = score_target(self.rule, positions, view, len(context + target))
             self.target_tokens += len(positions)
-            self.fused_tokens += informed
+            self.fused_tokens += sum(informed)
             out.append(total)
             if progress:
                 progress(1)
         return out
+
+
+@dataclass(frozen=True)
+class ReadToken:
+    """One token of a text as the fused model reads it."""
+
+    token_id: int
+    start: int
+    logprob: float | None  # None for the first token, which nothing predicts
+    top: tuple[tuple[int, float], ...]  # the fused next-token distribution's likeliest there (token id, logprob)
+    cloud_informed: bool
+
+
+def fused_reading(
+    edge: LocalScorer, aligner: VocabAligner, rule: FusionRule, text: str, cloud: CloudText | None, top_k: int
+) -> list[ReadToken]:
+    """Every token of `text` in the edge's tokens with its fused log-probability, scored as `FusedScorer` scores a
+    target (`score_target`), from the edge's reading and the cloud's (`cloud`: None, the edge alone)."""
+    every = edge.positions(text)
+    scored = [
+        (token, start, experts_at(aligner, Beliefs(before), cloud.candidates_at(start) if cloud else None))
+        for token, start, _, before in every
+        if before is not None
+    ]
+    logprobs, informed = target_logprobs(rule, scored, cloud or CloudText({}), len(text))
+    out = [ReadToken(token, start, None, (), False) for token, start, _, before in every if before is None]
+    for (token, start, experts), logprob, cloud_informed in zip(scored, logprobs, informed, strict=True):
+        top: tuple[tuple[int, float], ...] = ()
+        if top_k:
+            values, ids = rule.fuse(experts).topk(top_k)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        out.append(ReadToken(token, start, logprob, top, cloud_informed))
+    return out

@@ -51,6 +51,7 @@ from fedlm.models.token_bytes import char_len, token_bytes_table, token_text
 log = logging.getLogger(__name__)
 Source = Literal["edge", "cloud", "fused"]
 PLAIN_CLOUD_PREFIX = "User: {prompt}\nAssistant:"
+TOP_LOGPROBS = 20  # alternatives kept per answered token, for clients that ask for logprobs (OpenAI's most)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class FusedToken:
     token_id: int
     raw: bytes
     source: Source
+    logprob: float = 0.0  # under the fused distribution it was chosen from
+    top: tuple[tuple[int, float], ...] = ()  # that distribution's `TOP_LOGPROBS` likeliest (token id, logprob)
 
     @property
     def text(self) -> str:
@@ -284,7 +287,11 @@ class FusedDecoder:
                 return False, True
             state.answer += self.token_bytes[choice]
             state.chars += char_len(self.token_bytes[choice])
-            result.tokens.append(FusedToken(choice, self.token_bytes[choice], source))
+            values, ids = fused.logprobs.topk(min(TOP_LOGPROBS, fused.logprobs.numel()))
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            result.tokens.append(
+                FusedToken(choice, self.token_bytes[choice], source, float(fused.logprobs[choice]), top)
+            )
             if state.on_token is not None:
                 state.on_token(result.tokens[-1])
             if choice != token_id:  # overturned: forget this draft's rest and anything drafted after it

@@ -44,37 +44,54 @@ def fuse_at(
 
 def score_target(
     rule: FusionRule, positions: Sequence[tuple[int, int, Experts]], cloud: CloudText, end: int
-) -> tuple[float, int]:
-    """The fused log-probability of a target read in the edge's tokens, and how many of them the cloud informed.
+) -> tuple[float, list[bool]]:
+    """The fused log-probability of a target read in the edge's tokens, and which of them the cloud informed
+    (`target_logprobs`, summed)."""
+    logprobs, informed = target_logprobs(rule, positions, cloud, end)
+    return sum(logprobs), informed
 
-    `positions` holds (token id, start offset, experts) for each target token; the text ends at character `end`.
+
+def target_logprobs(
+    rule: FusionRule, positions: Sequence[tuple[int, int, Experts]], cloud: CloudText, end: int
+) -> tuple[list[float], list[bool]]:
+    """The fused log-probability of each token of a target read in the edge's tokens, and whether the cloud informed
+    it. `positions` holds (token id, start offset, experts) for each token; the text ends at character `end`.
+
     A rule that mixes (`mixture_weights`) is scored one shared boundary to the next: from a token start that both
-    tokenizers share to the next one, the segment's probability is the weighted sum of what each model gives that
-    stretch of text in its own tokens, weighted at the segment's start. Any other rule is scored token by token,
-    over the edge vocabulary, with the cloud's candidates projected where it has them.
+    tokenizers share to the next one, the stretch's probability is the weighted sum of what each model gives it in
+    its own tokens, weighted at the stretch's start. Each token inside gets its share by the chain rule, P(up to
+    its end) / P(up to its start), with the cloud's probability of a partial stretch taken pro rata to the
+    characters read (the cloud gave none inside its own tokens): so the tokens' values always sum to the stretch's.
+    Any other rule is scored token by token over the edge vocabulary, with the cloud's candidates projected where
+    it has them.
     """
     if not positions:
-        return 0.0, 0
+        return [], []
     if rule.mixture_weights(positions[0][2]) is None:
-        total = sum(float(rule.fuse(experts)[token]) for token, _, experts in positions)
-        return total, sum(experts.cloud is not None for _, _, experts in positions)
-    # segments open at the first target token and at every later one where the cloud has a token start too
+        logprobs = [float(rule.fuse(experts)[token]) for token, _, experts in positions]
+        return logprobs, [experts.cloud is not None for _, _, experts in positions]
+    # stretches open at the first token and at every later one where the cloud has a token start too
     opens = [i for i, (_, _, experts) in enumerate(positions) if i == 0 or experts.cloud is not None]
-    total, informed = 0.0, 0
+    logprobs: list[float] = []
+    informed: list[bool] = []
     for first, stop in zip(opens, [*opens[1:], len(positions)], strict=True):
-        segment = positions[first:stop]
-        weights = rule.mixture_weights(segment[0][2])
+        stretch = positions[first:stop]
+        weights = rule.mixture_weights(stretch[0][2])
         assert weights is not None
-        segment_end = positions[stop][1] if stop < len(positions) else end
-        parts = []
-        for name, weight in weights.items():
-            if weight <= 0:
-                continue
-            if name == "cloud":
-                logprob = cloud.logprob_between(segment[0][1], segment_end)
-            else:
-                logprob = sum(float(getattr(experts, name)[token]) for token, _, experts in segment)
-            parts.append(math.log(weight) + logprob)
-        total += float(torch.logsumexp(torch.tensor(parts, dtype=torch.float64), 0))
-        informed += len(segment) if "cloud" in weights else 0
-    return total, informed
+        begin, finish = stretch[0][1], positions[stop][1] if stop < len(positions) else end
+        whole_cloud = cloud.logprob_between(begin, finish) if "cloud" in weights else 0.0
+        read = {name: 0.0 for name in weights}  # each expert's log-probability of the stretch read so far
+        before = 0.0  # the mixture's, up to the current token's start
+        for i, (token, _, experts) in enumerate(stretch):
+            token_end = stretch[i + 1][1] if i + 1 < len(stretch) else finish
+            for name in weights:
+                if name == "cloud":
+                    read[name] = whole_cloud * (token_end - begin) / max(finish - begin, 1)
+                else:
+                    read[name] += float(getattr(experts, name)[token])
+            parts = [math.log(w) + read[name] for name, w in weights.items() if w > 0]
+            upto = float(torch.logsumexp(torch.tensor(parts, dtype=torch.float64), 0))
+            logprobs.append(upto - before)
+            before = upto
+        informed += [weights.get("cloud", 0.0) > 0] * len(stretch)
+    return logprobs, informed

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fastapi import FastAPI
@@ -27,9 +28,26 @@ from fastapi.responses import StreamingResponse
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.client import AsyncCloudClient
-from fedlm.cloud.server import STREAMED, Admission, APIError, Limits, Ticket, bounded, openai_app, require_model
+from fedlm.cloud.engine import Candidate, TokenLogprob, named_candidate
+from fedlm.cloud.errors import CloudError
+from fedlm.cloud.logprobs import LogprobsMissing, read_cloud_text
+from fedlm.cloud.server import (
+    STREAMED,
+    Admission,
+    APIError,
+    Limits,
+    Ticket,
+    bounded,
+    chat_logprob,
+    completion_logprobs,
+    openai_app,
+    require_model,
+)
+from fedlm.egress import EgressRefused
+from fedlm.eval.scorers import LocalScorer, ReadToken, fused_reading
 from fedlm.fusion.decoder import FusedDecoder, FusedToken, FusionConfig, FusionResult
 from fedlm.fusion.rules import FusionRule
+from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.chat import chat_stops
 from fedlm.models.token_bytes import complete_prefix_len
@@ -37,14 +55,29 @@ from fedlm.privacy import EgressGate
 from fedlm.serve.provenance import provenance
 
 MODEL_NAME = "fedlm-fused"
+CLOUD_TOP_K = 20  # the cloud's candidates asked per position when a prompt is scored, as `fedlm eval` asks
 
 
 class GatewayCompletionRequest(p.SamplingFields):
-    """A completion as the endpoint serves it so far: no echo, logprobs or stream, so the schema offers none."""
+    """A completion as the endpoint serves it: `echo` + `logprobs` score the prompt with the fused model (how
+    evaluation tools ask for a text's log-likelihood); no stream, so the schema offers none."""
 
     prompt: p.NonEmptyText
     max_tokens: p.Count = 16
+    logprobs: p.TopK | None = None
+    echo: bool = False
     stream: Literal[False] = False
+
+
+@dataclass
+class PromptReading:
+    """A prompt scored by the fused model, and what asking the cloud about it cost."""
+
+    tokens: list[ReadToken]
+    cloud_calls: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -72,14 +105,10 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
     per_loop = weakref.WeakKeyDictionary()
     max_model_len = int(getattr(gateway.edge.model.config, "max_position_embeddings", 2048))
     live = not chat_stops(gateway.edge.tokenizer)  # a turn that ends at a stop string is streamed when complete
+    reader, aligner = LocalScorer(gateway.edge), VocabAligner(gateway.edge.tokenizer, gateway.edge.eos_ids)
+    special = set(gateway.edge.tokenizer.all_special_ids)
 
-    async def fused(
-        prompt: str,
-        history: list[dict[str, str]],
-        max_tokens: int,
-        on_token: Callable[[FusedToken], None] | None = None,
-    ) -> FusionResult:
-        config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
+    def loop_state() -> tuple[asyncio.Lock, AsyncCloudClient | None]:
         loop = asyncio.get_running_loop()
         if loop not in per_loop:
             cloud = None
@@ -88,13 +117,92 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                     gateway.cloud_url, gateway.cloud_api_key, gateway.cloud_model, egress=gateway.gate
                 )
             per_loop[loop] = (asyncio.Lock(), cloud)
-        turn, cloud = per_loop[loop]
+        return per_loop[loop]
+
+    async def fused(
+        prompt: str,
+        history: list[dict[str, str]],
+        max_tokens: int,
+        on_token: Callable[[FusedToken], None] | None = None,
+    ) -> FusionResult:
+        if max_tokens == 0:
+            return FusionResult()
+        config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
+        turn, cloud = loop_state()
         async with turn:
             decoder = FusedDecoder(gateway.edge, gateway.rule, cloud, config)
             return await decoder.generate(prompt, history, on_token)
 
-    def extension(result: FusionResult) -> dict[str, Any]:
-        return provenance(result, gateway.gate.policy.value, gateway.adapter).model_dump()
+    async def read_prompt(prompt: str, top_k: int) -> PromptReading:
+        """The prompt scored by the fused model, as `fedlm eval --mode fused` scores a text. A cloud that cannot
+        score text is a 400 and a failing one a 503 (a client retries): either way no score is passed off as fused
+        that is not. The privacy gate keeping the prompt back is its policy, reported in the provenance."""
+        turn, cloud = loop_state()
+        async with turn:
+            reading, view = PromptReading([]), None
+            if cloud is not None:
+                before = dataclasses.replace(cloud.traffic)
+                try:
+                    if (protocol := await cloud.protocol()) != "echo":
+                        raise APIError(
+                            400,
+                            f"this endpoint cannot score text with the fused model: its cloud ({gateway.cloud_url}) "
+                            f"returns no prompt logprobs (it is read by '{protocol}'). Ask without echo, or serve with "
+                            "a cloud that echoes prompt logprobs (fedlm cloud serve, vLLM, llama-cpp-python)",
+                            param="echo",
+                            code="cloud_cannot_score",
+                        )
+                    reply = await cloud.complete(prompt, max_tokens=0, echo=True, logprobs=CLOUD_TOP_K, temperature=0)
+                    view = read_cloud_text(reply, prompt)
+                except EgressRefused as err:
+                    reading.warnings.append(
+                        f"the privacy gate kept the prompt on the device: scored by the edge ({err})"
+                    )
+                except LogprobsMissing as err:
+                    reading.warnings.append(f"the cloud did not read this text back (rewritten by the gate?): {err}")
+                except CloudError as err:
+                    raise APIError(
+                        503, f"the cloud failed while scoring the prompt: {err}", "server_error", code="cloud_failed"
+                    ) from err
+                finally:
+                    reading.cloud_calls = cloud.traffic.requests - before.requests
+                    reading.bytes_sent = cloud.traffic.bytes_sent - before.bytes_sent
+                    reading.bytes_received = cloud.traffic.bytes_received - before.bytes_received
+            tokens = await asyncio.to_thread(fused_reading, reader, aligner, gateway.rule, prompt, view, top_k)
+        # tokens the tokenizer adds around the text (a start-of-text token) are not the prompt's
+        reading.tokens = [t for t in tokens if not (t.token_id in special and not reader.token_bytes[t.token_id])]
+        return reading
+
+    def extension(result: FusionResult, reading: PromptReading | None = None) -> dict[str, Any]:
+        info = provenance(result, gateway.gate.policy.value, gateway.adapter)
+        if reading is None:
+            return info.model_dump(exclude={"prompt_sources"})
+        info.prompt_sources = ["fused" if t.cloud_informed else "edge" for t in reading.tokens if t.logprob is not None]
+        info.cloud_calls += reading.cloud_calls
+        info.bytes_sent += reading.bytes_sent
+        info.bytes_received += reading.bytes_received
+        info.warnings = reading.warnings + info.warnings
+        if info.cloud_protocol == "none" and any(t.cloud_informed for t in reading.tokens):
+            info.cloud_protocol = "echo"
+        return info.model_dump()
+
+    def named(token_id: int, logprob: float) -> Candidate:
+        return named_candidate(gateway.edge.tokenizer, reader.token_bytes, token_id, logprob)
+
+    def prompt_positions(reading: PromptReading, top_k: int) -> list[TokenLogprob]:
+        return [
+            TokenLogprob(
+                named(t.token_id, math.nan if t.logprob is None else t.logprob),
+                tuple(named(i, v) for i, v in t.top[:top_k]),
+            )
+            for t in reading.tokens
+        ]
+
+    def answer_positions(result: FusionResult, top_k: int) -> list[TokenLogprob]:
+        return [
+            TokenLogprob(named(t.token_id, t.logprob), tuple(named(i, v) for i, v in t.top[:top_k]))
+            for t in result.tokens
+        ]
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -124,18 +232,37 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
             result = await fused(messages[-1]["content"], messages[:-1], budget)
         usage = _usage(result)
         finish = "length" if len(result.tokens) >= budget else "stop"
-        choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), finish_reason=finish)
+        logprobs = None
+        if body.logprobs:
+            logprobs = p.ChoiceLogprobs(
+                content=[chat_logprob(t) for t in answer_positions(result, body.top_logprobs or 0)]
+            )
+        choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=finish)
         reply = p.dump(p.ChatCompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
         return {**reply, "fedlm": extension(result)}
 
     async def completions(body: GatewayCompletionRequest) -> Any:
         require_model(body.model, MODEL_NAME, "endpoint")
+        top_k = body.logprobs or 0
         with admission.held():
+            reading = await read_prompt(body.prompt, top_k) if body.echo else None
             result = await fused(body.prompt, [], body.max_tokens)
         finish = "length" if len(result.tokens) >= body.max_tokens else "stop"
-        choice = p.CompletionChoice(text=result.text, finish_reason=finish)
-        reply = p.dump(p.CompletionResponse(model=MODEL_NAME, choices=[choice], usage=_usage(result)))
-        return {**reply, "fedlm": extension(result)}
+        text = body.prompt + result.text if reading else result.text
+        logprobs = None
+        if body.logprobs is not None:
+            positions = (prompt_positions(reading, top_k) if reading else []) + answer_positions(result, top_k)
+            logprobs, _ = completion_logprobs(positions, top_k, text)
+        choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)
+        usage = _usage(result)
+        if reading:
+            usage = p.Usage(
+                prompt_tokens=len(reading.tokens),
+                completion_tokens=len(result.tokens),
+                total_tokens=len(reading.tokens) + len(result.tokens),
+            )
+        reply = p.dump(p.CompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
+        return {**reply, "fedlm": extension(result, reading)}
 
     chat.__annotations__["body"], completions.__annotations__["body"] = chat_request, completion_request
     app.post("/v1/chat/completions", responses=STREAMED)(chat)

@@ -20,6 +20,8 @@ class Provenance(BaseModel):
     privacy: str  # the egress policy every cloud request went through
     adapter: str | None  # the LoRA adapter on the edge, if any
     warnings: list[str]  # e.g. the cloud failed and the answer was finished on the edge
+    prompt_sources: list[Literal["edge", "fused"]] | None = None  # with `echo`: each prompt token's score, by the
+    # edge alone or fused with the cloud
 
 
 def provenance(result: FusionResult, privacy: str, adapter: str | None) -> Provenance:
