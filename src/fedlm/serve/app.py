@@ -20,11 +20,12 @@ import math
 import time
 import weakref
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from importlib import resources
 from typing import Any, Literal
 
 from fastapi import FastAPI
-from fastapi.responses import StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 
 from fedlm.cloud import protocol as p
 from fedlm.cloud.client import AsyncCloudClient
@@ -44,6 +45,7 @@ from fedlm.cloud.server import (
     require_model,
 )
 from fedlm.egress import EgressRefused
+from fedlm.egress.audit import AuditRecord
 from fedlm.eval.scorers import LocalScorer, ReadToken, fused_reading
 from fedlm.fusion.decoder import FusedDecoder, FusedToken, FusionConfig, FusionResult
 from fedlm.fusion.rules import FusionRule
@@ -55,6 +57,7 @@ from fedlm.privacy import EgressGate
 from fedlm.serve.provenance import provenance
 
 MODEL_NAME = "fedlm-fused"
+PLAYGROUND = resources.files("fedlm.serve").joinpath("playground.html").read_text(encoding="utf-8")
 CLOUD_TOP_K = 20  # the cloud's candidates asked per position when a prompt is scored, as `fedlm eval` asks
 
 
@@ -70,14 +73,23 @@ class GatewayCompletionRequest(p.SamplingFields):
 
 
 @dataclass
+class Answer:
+    """A fused answer, and the audit records of what it sent."""
+
+    result: FusionResult
+    audit: list[AuditRecord] = field(default_factory=list)
+
+
+@dataclass
 class PromptReading:
-    """A prompt scored by the fused model, and what asking the cloud about it cost."""
+    """A prompt scored by the fused model, what asking the cloud about it cost, and the audit records it left."""
 
     tokens: list[ReadToken]
     cloud_calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     warnings: list[str] = field(default_factory=list)
+    audit: list[AuditRecord] = field(default_factory=list)
 
 
 @dataclass
@@ -124,14 +136,16 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         history: list[dict[str, str]],
         max_tokens: int,
         on_token: Callable[[FusedToken], None] | None = None,
-    ) -> FusionResult:
+    ) -> Answer:
         if max_tokens == 0:
-            return FusionResult()
+            return Answer(FusionResult())
         config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
         turn, cloud = loop_state()
-        async with turn:
+        async with turn:  # one piece of work at a time: what the audit log gains meanwhile is this answer's
+            mark = gateway.gate.audit.appended
             decoder = FusedDecoder(gateway.edge, gateway.rule, cloud, config)
-            return await decoder.generate(prompt, history, on_token)
+            result = await decoder.generate(prompt, history, on_token)
+            return Answer(result, gateway.gate.audit.since(mark))
 
     async def read_prompt(prompt: str, top_k: int) -> PromptReading:
         """The prompt scored by the fused model, as `fedlm eval --mode fused` scores a text. A cloud that cannot
@@ -139,7 +153,7 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         that is not. The privacy gate keeping the prompt back is its policy, reported in the provenance."""
         turn, cloud = loop_state()
         async with turn:
-            reading, view = PromptReading([]), None
+            reading, view, mark = PromptReading([]), None, gateway.gate.audit.appended
             if cloud is not None:
                 before = dataclasses.replace(cloud.traffic)
                 try:
@@ -169,14 +183,16 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                     reading.bytes_sent = cloud.traffic.bytes_sent - before.bytes_sent
                     reading.bytes_received = cloud.traffic.bytes_received - before.bytes_received
             tokens = await asyncio.to_thread(fused_reading, reader, aligner, gateway.rule, prompt, view, top_k)
+            reading.audit = gateway.gate.audit.since(mark)
         # tokens the tokenizer adds around the text (a start-of-text token) are not the prompt's
         reading.tokens = [t for t in tokens if not (t.token_id in special and not reader.token_bytes[t.token_id])]
         return reading
 
-    def extension(result: FusionResult, reading: PromptReading | None = None) -> dict[str, Any]:
-        info = provenance(result, gateway.gate.policy.value, gateway.adapter)
+    def extension(answer: Answer, reading: PromptReading | None = None) -> dict[str, Any]:
+        info = provenance(answer.result, gateway.gate.policy.value, gateway.adapter, answer.audit)
         if reading is None:
             return info.model_dump(exclude={"prompt_sources"})
+        info.audit = [asdict(record) for record in reading.audit] + info.audit
         info.prompt_sources = ["fused" if t.cloud_informed else "edge" for t in reading.tokens if t.logprob is not None]
         info.cloud_calls += reading.cloud_calls
         info.bytes_sent += reading.bytes_sent
@@ -208,6 +224,11 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
     async def health() -> dict[str, str]:
         return {"status": "ok", "model": MODEL_NAME}
 
+    @app.get("/", include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """A page to try the endpoint in a browser: the answer streams in, each token coloured by its source."""
+        return HTMLResponse(PLAYGROUND)
+
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
         return p.dump(p.ModelList(data=[p.ModelCard(id=MODEL_NAME, max_model_len=max_model_len)]))
@@ -229,7 +250,8 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                 work = fused(messages[-1]["content"], messages[:-1], budget, tokens.put_nowait)
                 return _chat_stream(ticket, asyncio.ensure_future(work), tokens, budget, extension, live)
         with admission.held():
-            result = await fused(messages[-1]["content"], messages[:-1], budget)
+            answer = await fused(messages[-1]["content"], messages[:-1], budget)
+        result = answer.result
         usage = _usage(result)
         finish = "length" if len(result.tokens) >= budget else "stop"
         logprobs = None
@@ -239,14 +261,15 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
             )
         choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=finish)
         reply = p.dump(p.ChatCompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
-        return {**reply, "fedlm": extension(result)}
+        return {**reply, "fedlm": extension(answer)}
 
     async def completions(body: GatewayCompletionRequest) -> Any:
         require_model(body.model, MODEL_NAME, "endpoint")
         top_k = body.logprobs or 0
         with admission.held():
             reading = await read_prompt(body.prompt, top_k) if body.echo else None
-            result = await fused(body.prompt, [], body.max_tokens)
+            answer = await fused(body.prompt, [], body.max_tokens)
+        result = answer.result
         finish = "length" if len(result.tokens) >= body.max_tokens else "stop"
         text = body.prompt + result.text if reading else result.text
         logprobs = None
@@ -262,7 +285,7 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                 total_tokens=len(reading.tokens) + len(result.tokens),
             )
         reply = p.dump(p.CompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
-        return {**reply, "fedlm": extension(result, reading)}
+        return {**reply, "fedlm": extension(answer, reading)}
 
     chat.__annotations__["body"], completions.__annotations__["body"] = chat_request, completion_request
     app.post("/v1/chat/completions", responses=STREAMED)(chat)
@@ -277,10 +300,10 @@ def _usage(result: FusionResult) -> p.Usage:
 
 def _chat_stream(
     ticket: Ticket,
-    work: asyncio.Future[FusionResult],
+    work: asyncio.Future[Answer],
     tokens: asyncio.Queue[FusedToken | None],
     budget: int,
-    extension: Callable[[FusionResult], dict[str, Any]],
+    extension: Callable[[Answer], dict[str, Any]],
     live: bool,
 ) -> StreamingResponse:
     """The answer as chat chunks while it is decided, then the finish with the provenance, then `[DONE]`. Text is
@@ -303,21 +326,26 @@ def _chat_stream(
     async def events() -> AsyncIterator[bytes]:
         yield chunk({"role": "assistant", "content": ""})
         pending, sent = b"", 0  # bytes not sent yet (a character still incomplete), and characters sent
+        sources: list[str] = []  # the source of each token whose text is pending: each chunk says its tokens'
         try:
             while (token := await tokens.get()) is not None:
                 pending += token.raw
+                sources.append(token.source)
                 ready = complete_prefix_len(pending)
                 if live and ready:
                     text, pending = pending[:ready].decode("utf-8", "replace"), pending[ready:]
-                    yield chunk({"content": text})
-                    sent += len(text)
-            result = await work
+                    yield chunk({"content": text}, fedlm={"sources": sources})
+                    sent, sources = sent + len(text), []
+            answer = await work
         finally:
             work.cancel()  # a no-op once done; a client that left stops the generation here
+        result = answer.result
         if len(result.text) > sent:
-            yield chunk({"content": result.text[sent:]})
+            yield chunk(
+                {"content": result.text[sent:]}, fedlm={"sources": sources or [t.source for t in result.tokens]}
+            )
         finish = "length" if len(result.tokens) >= budget else "stop"
-        yield chunk({}, finish, fedlm=extension(result))
+        yield chunk({}, finish, fedlm=extension(answer))
         yield b"data: [DONE]\n\n"
 
     return StreamingResponse(

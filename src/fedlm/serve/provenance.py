@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any, Literal
 
 from pydantic import BaseModel
 
+from fedlm.egress.audit import AuditRecord
 from fedlm.fusion.decoder import FusionResult
 
 
@@ -20,11 +23,14 @@ class Provenance(BaseModel):
     privacy: str  # the egress policy every cloud request went through
     adapter: str | None  # the LoRA adapter on the edge, if any
     warnings: list[str]  # e.g. the cloud failed and the answer was finished on the edge
+    audit: list[dict[str, Any]]  # the audit records of what this request sent (bytes and hashes, never content)
     prompt_sources: list[Literal["edge", "fused"]] | None = None  # with `echo`: each prompt token's score, by the
     # edge alone or fused with the cloud
 
 
-def provenance(result: FusionResult, privacy: str, adapter: str | None) -> Provenance:
+def provenance(
+    result: FusionResult, privacy: str, adapter: str | None, audit: Sequence[AuditRecord] = ()
+) -> Provenance:
     return Provenance(
         sources=[token.source for token in result.tokens],
         cloud_protocol=result.cloud_protocol,
@@ -35,4 +41,5 @@ def provenance(result: FusionResult, privacy: str, adapter: str | None) -> Prove
         privacy=privacy,
         adapter=adapter,
         warnings=result.warnings,
+        audit=[asdict(record) for record in audit],
     )
