@@ -65,3 +65,26 @@ def tiny_url(tiny_engine: Engine) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny(tmp_path_factory.mktemp("tiny-llama"), "llama")
+
+
+TASK_TEXTS = (
+    ["Question: What is two plus two?\nAnswer: four"] * 4,
+    ["Once upon a time, a keeper watched the sea from a lighthouse."] * 4,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_clusters(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A `fedlm train` run's `clusters/` for the tiny llama: adapter "0" learned maths, "1" a story (TASK_TEXTS)."""
+    from fedlm.federated import lora
+    from fedlm.federated.local import train_steps
+
+    out, loaded, targets = tmp_path_factory.mktemp("run") / "clusters", tiny_loaded("llama"), ("q_proj", "v_proj")
+    for name, texts in zip(("0", "1"), TASK_TEXTS, strict=True):
+        start = lora.init_state(loaded.model, 4, targets, seed=0)
+        model = lora.wrap(loaded.model, 4, targets)
+        lora.load_into(model, start)
+        train_steps(model, loaded.tokenizer, texts, steps=25, batch_size=2, seq_len=32, lr=3e-2, seed=0)
+        lora.save_adapter(lora.extract(model), out / name, "tiny")
+        model.unload()
+    return out

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
+from pathlib import Path
 
 import openai
 import pytest
 from openai import OpenAI
 
+from conftest import TASK_TEXTS
 from fedlm.cloud.service import background_app
 from fedlm.eval.scorers import FusedScorer, LocalScorer
+from fedlm.federated.routing import AdapterRouter, cluster_adapters
 from fedlm.fusion.decoder import FusionConfig, fuse_once
 from fedlm.fusion.rules import make_rule
 from fedlm.models import LoadedModel
+from fedlm.models.loader import with_adapter
+from fedlm.models.tiny import tiny_loaded
 from fedlm.privacy import EgressGate
 from fedlm.serve.app import MODEL_NAME, Gateway, create_gateway_app
 
@@ -138,3 +143,23 @@ def test_echo_without_a_cloud_is_the_edge_and_with_a_dead_one_a_503(tiny_llama: 
             OpenAI(base_url=url, api_key="unused", max_retries=0).completions.create(
                 model=MODEL_NAME, prompt=PROMPT, max_tokens=0, echo=True, logprobs=1
             )
+
+
+def test_each_request_goes_to_the_cluster_adapter_that_fits_its_prompt(tiny_clusters: Path, tiny_url: str) -> None:
+    maths, story = TASK_TEXTS[0][0], TASK_TEXTS[1][0]
+    router = AdapterRouter(tiny_loaded("llama"), cluster_adapters(tiny_clusters))
+    with EgressGate("off") as gate:
+        gateway = Gateway(router.edge, make_rule("router"), CONFIG, tiny_url, gate, router=router)
+        with background_app(create_gateway_app(gateway), "fedlm serve") as url:
+            client = OpenAI(base_url=url, api_key="unused", max_retries=0)
+            replies = {
+                prompt: client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": prompt}])
+                for prompt in (maths, story)
+            }
+    for prompt, adapter in ((maths, "0"), (story, "1")):
+        fedlm = replies[prompt].model_extra["fedlm"]
+        assert fedlm["adapter"] == adapter and min(fedlm["routing"], key=fedlm["routing"].get) == adapter
+        # the answer is the one that adapter gives, as `fedlm generate --adapter clusters/<adapter>` would
+        alone = with_adapter(tiny_loaded("llama"), tiny_clusters / adapter)
+        expected = fuse_once(alone, make_rule("router"), prompt, CONFIG, tiny_url)
+        assert replies[prompt].choices[0].message.content == expected.text

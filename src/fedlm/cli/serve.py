@@ -27,6 +27,12 @@ from fedlm.privacy.policy import Policy
 def serve_command(
     edge: str = Edge,
     adapter: str | None = typer.Option(None, "--adapter", help="A PEFT LoRA adapter folder for the edge model."),
+    adapters: str | None = typer.Option(
+        None,
+        "--adapters",
+        help="A `fedlm train` run's clusters/ folder: each request goes to the adapter with the lowest perplexity on "
+        "its prompt.",
+    ),
     cloud: str = Cloud,
     cloud_model: str | None = CloudModel,
     cloud_api_key: str | None = ApiKey,
@@ -44,6 +50,7 @@ def serve_command(
     """Serve http://HOST:PORT/v1 (models, chat/completions, completions) and /health: every answer fused."""
     import uvicorn
 
+    from fedlm.federated.routing import AdapterRouter, cluster_adapters
     from fedlm.fusion.decoder import FusionConfig
     from fedlm.fusion.rules import make_rule
     from fedlm.models import load
@@ -57,15 +64,27 @@ def serve_command(
         edge_model = load(edge)
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
+    if adapter is not None and adapters is not None:
+        raise typer.BadParameter("give --adapter (one adapter) or --adapters (route among a run's clusters), not both")
     if adapter is not None:
         edge_model = edge_with_adapter(edge_model, adapter)
+    router = None
+    if adapters is not None:
+        try:
+            router = AdapterRouter(edge_model, cluster_adapters(adapters))
+        except ValueError as err:
+            raise typer.BadParameter(str(err), param_hint="--adapters") from err
+        edge_model = router.edge
     config = FusionConfig(max_tokens=max_tokens, lookahead=lookahead)
     with egress_gate(privacy) as gate, cloud_url(cloud, cloud_model, quiet=False) as (url, model):
         upstream = None if cloud == NO_CLOUD or not rule.uses_cloud else url
-        gateway = Gateway(edge_model, rule, config, upstream, gate, adapter, model, api_key_or_env(cloud_api_key))
+        gateway = Gateway(
+            edge_model, rule, config, upstream, gate, adapter, model, api_key_or_env(cloud_api_key), router
+        )
+        routed = f", routing among adapters {', '.join(router.names)}" if router else ""
         console.print(
             f"[bold]fedlm serve[/] on http://{host}:{port}/v1: {edge} fused ({fusion}) with {upstream or 'no cloud'}, "
-            f"privacy {gate.policy.value}"
+            f"privacy {gate.policy.value}{routed}; playground at http://{host}:{port}/"
         )
         app = create_gateway_app(gateway, key, Limits(max_pending=max_pending))
         uvicorn.run(app, host=host, port=port, log_level="warning")

@@ -1,7 +1,9 @@
-"""Parameter-free routing of a prompt to a cluster adapter: the one under which the prompt is least surprising.
+"""Parameter-free routing of a prompt to a cluster's adapter: the one under which the prompt is least surprising.
 
-No router is trained: each cluster's adapter scores the prompt's own tokens, and the lowest perplexity wins.
-A prompt in the style of a task cluster is, by construction, best predicted by the adapter trained on it.
+No router is trained. A `fedlm train` run keeps one PEFT adapter per task cluster (`OUT/clusters/<id>`); all of
+them are loaded onto the edge model side by side, each prompt is read once under each, and the adapter with the
+lowest mean token loss (perplexity) on it answers. A prompt in the style of a task cluster is, by construction,
+best predicted by the adapter trained on that cluster's data.
 """
 
 from __future__ import annotations
@@ -9,38 +11,53 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.numpy import load_file
 
-from fedlm.federated import lora
 from fedlm.federated.local import heldout_loss
+from fedlm.models import LoadedModel
+
+ROUTING_SEQ_LEN = 512  # tokens of the prompt read under each adapter
 
 
-def read_adapter(folder: str | Path) -> lora.LoraState:
-    """A PEFT adapter folder written by `lora.save_adapter` (or PEFT itself) as a LoraState."""
-    tensors = load_file(str(Path(folder) / "adapter_model.safetensors"))
-    flat = {
-        key.removeprefix(lora.PEFT_PREFIX).replace(".lora_A.weight", ".lora_A").replace(".lora_B.weight", ".lora_B"): v
-        for key, v in tensors.items()
-    }
-    return lora.from_arrays(flat)
+def cluster_adapters(folder: str | Path) -> dict[str, Path]:
+    """The adapter folders under `folder` (a run's `clusters/`), by name; a clear error when there are none."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise ValueError(f"{str(folder)!r} is not a folder of adapters (a `fedlm train` run's clusters/)")
+    found = {child.name: child for child in sorted(root.iterdir()) if (child / "adapter_config.json").is_file()}
+    if not found:
+        raise ValueError(f"{str(folder)!r} holds no PEFT adapter folder (none has an adapter_config.json)")
+    return found
 
 
-@torch.no_grad()
-def adapter_losses(model, tokenizer, prompt: str, adapters: dict[str, lora.LoraState], seq_len: int = 256):
-    """Mean token loss of `prompt` under each adapter."""
-    losses = {}
-    for name, state in adapters.items():
-        targets = tuple(sorted({module.rsplit(".", 1)[-1] for module in state}))
-        peft_model = lora.wrap(model, lora.state_rank(state), targets)
-        try:
-            lora.load_into(peft_model, state)
-            losses[name] = heldout_loss(peft_model, tokenizer, [prompt], 1, seq_len)
-        finally:
-            peft_model.unload()
-    return losses
+class AdapterRouter:
+    """The edge model with every cluster's adapter loaded; `route` makes the one that fits a prompt the active one.
 
+    The active adapter is the model's state: whoever routes must also generate before anyone routes again."""
 
-def route(model, tokenizer, prompt: str, adapters: dict[str, lora.LoraState]) -> str:
-    """The name of the adapter with the lowest perplexity on `prompt`."""
-    losses = adapter_losses(model, tokenizer, prompt, adapters)
-    return min(losses, key=losses.get)
+    def __init__(self, loaded: LoadedModel, folders: dict[str, Path]) -> None:
+        from peft import PeftModel
+
+        if not folders:
+            raise ValueError("routing needs at least one adapter")
+        self.names = sorted(folders)
+        model = PeftModel.from_pretrained(loaded.model, folders[self.names[0]], adapter_name=self.names[0])
+        for name in self.names[1:]:
+            model.load_adapter(folders[name], adapter_name=name)
+        model.eval()
+        self.edge = LoadedModel(f"{loaded.name}+routed", model, loaded.tokenizer, loaded.load_seconds)
+
+    @torch.no_grad()
+    def losses(self, prompt: str) -> dict[str, float]:
+        """Mean token loss (nats) of `prompt` under each adapter."""
+        losses = {}
+        for name in self.names:
+            self.edge.model.set_adapter(name)
+            losses[name] = heldout_loss(self.edge.model, self.edge.tokenizer, [prompt], 1, ROUTING_SEQ_LEN)
+        return losses
+
+    def route(self, prompt: str) -> tuple[str, dict[str, float]]:
+        """Make the adapter with the lowest loss on `prompt` the active one; its name, and every adapter's loss."""
+        losses = self.losses(prompt)
+        choice = min(losses, key=losses.__getitem__)
+        self.edge.model.set_adapter(choice)
+        return choice, losses

@@ -47,6 +47,7 @@ from fedlm.cloud.server import (
 from fedlm.egress import EgressRefused
 from fedlm.egress.audit import AuditRecord
 from fedlm.eval.scorers import LocalScorer, ReadToken, fused_reading
+from fedlm.federated.routing import AdapterRouter
 from fedlm.fusion.decoder import FusedDecoder, FusedToken, FusionConfig, FusionResult
 from fedlm.fusion.rules import FusionRule
 from fedlm.fusion.vocab import VocabAligner
@@ -78,6 +79,8 @@ class Answer:
 
     result: FusionResult
     audit: list[AuditRecord] = field(default_factory=list)
+    adapter: str | None = None  # the adapter on the edge, routed to or fixed
+    routing: dict[str, float] | None = None  # with routing: each cluster adapter's loss on the prompt
 
 
 @dataclass
@@ -90,11 +93,14 @@ class PromptReading:
     bytes_received: int = 0
     warnings: list[str] = field(default_factory=list)
     audit: list[AuditRecord] = field(default_factory=list)
+    adapter: str | None = None
+    routing: dict[str, float] | None = None
 
 
 @dataclass
 class Gateway:
-    """What answers: the edge (with its adapter, if any), the rule, the cloud and the gate every request leaves by."""
+    """What answers: the edge (with its adapter, if any), the rule, the cloud and the gate every request leaves by.
+    With a `router` the edge is the router's, and each request goes to the cluster adapter that fits its prompt."""
 
     edge: LoadedModel
     rule: FusionRule
@@ -104,6 +110,7 @@ class Gateway:
     adapter: str | None = None
     cloud_model: str | None = None
     cloud_api_key: str | None = None
+    router: AdapterRouter | None = None
 
 
 def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Limits = Limits()) -> FastAPI:
@@ -131,6 +138,13 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
             per_loop[loop] = (asyncio.Lock(), cloud)
         return per_loop[loop]
 
+    async def choose_adapter(prompt: str) -> tuple[str | None, dict[str, float] | None]:
+        """The adapter that answers `prompt`: routed to (made the active one) when there is a router."""
+        if gateway.router is None:
+            return gateway.adapter, None
+        name, losses = await asyncio.to_thread(gateway.router.route, prompt)
+        return name, {adapter: round(loss, 4) for adapter, loss in losses.items()}
+
     async def fused(
         prompt: str,
         history: list[dict[str, str]],
@@ -138,14 +152,15 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         on_token: Callable[[FusedToken], None] | None = None,
     ) -> Answer:
         if max_tokens == 0:
-            return Answer(FusionResult())
+            return Answer(FusionResult(), adapter=gateway.adapter)
         config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
         turn, cloud = loop_state()
         async with turn:  # one piece of work at a time: what the audit log gains meanwhile is this answer's
+            adapter, routing = await choose_adapter(prompt)
             mark = gateway.gate.audit.appended
             decoder = FusedDecoder(gateway.edge, gateway.rule, cloud, config)
             result = await decoder.generate(prompt, history, on_token)
-            return Answer(result, gateway.gate.audit.since(mark))
+            return Answer(result, gateway.gate.audit.since(mark), adapter, routing)
 
     async def read_prompt(prompt: str, top_k: int) -> PromptReading:
         """The prompt scored by the fused model, as `fedlm eval --mode fused` scores a text. A cloud that cannot
@@ -154,6 +169,7 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         turn, cloud = loop_state()
         async with turn:
             reading, view, mark = PromptReading([]), None, gateway.gate.audit.appended
+            reading.adapter, reading.routing = await choose_adapter(prompt)
             if cloud is not None:
                 before = dataclasses.replace(cloud.traffic)
                 try:
@@ -189,9 +205,11 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         return reading
 
     def extension(answer: Answer, reading: PromptReading | None = None) -> dict[str, Any]:
-        info = provenance(answer.result, gateway.gate.policy.value, gateway.adapter, answer.audit)
+        info = provenance(answer.result, gateway.gate.policy.value, answer.adapter, answer.audit)
+        info.routing = answer.routing
         if reading is None:
             return info.model_dump(exclude={"prompt_sources"})
+        info.adapter, info.routing = reading.adapter, reading.routing
         info.audit = [asdict(record) for record in reading.audit] + info.audit
         info.prompt_sources = ["fused" if t.cloud_informed else "edge" for t in reading.tokens if t.logprob is not None]
         info.cloud_calls += reading.cloud_calls

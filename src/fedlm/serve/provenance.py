@@ -22,6 +22,7 @@ class Provenance(BaseModel):
     fallbacks: int  # tokens whose cloud answer came late or not at all
     privacy: str  # the egress policy every cloud request went through
     adapter: str | None  # the LoRA adapter on the edge, if any
+    routing: dict[str, float] | None = None  # with cluster adapters: each one's loss on the prompt (the lowest won)
     warnings: list[str]  # e.g. the cloud failed and the answer was finished on the edge
     audit: list[dict[str, Any]]  # the audit records of what this request sent (bytes and hashes, never content)
     prompt_sources: list[Literal["edge", "fused"]] | None = None  # with `echo`: each prompt token's score, by the
