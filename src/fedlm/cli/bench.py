@@ -350,6 +350,65 @@ def load(
     )
 
 
+@app.command("serve")
+def serve_bench(
+    edge: str = typer.Option("smollm2-135m-instruct", "--edge", help="Edge model name or HF folder."),
+    cloud: str = typer.Option("embedded", "--cloud", help="Cloud base URL, or 'embedded' (its own process and core)."),
+    cloud_model: str | None = typer.Option(None, "--cloud-model"),
+    cloud_weights: Weights = typer.Option(Weights.int8, "--cloud-weights", help="Weights of the embedded cloud."),
+    fusion_rule: str = typer.Option("router", "--fusion", help="router | linear | proxy | route | none"),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=4, help="Tokens each answer may have."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Prompts answered both ways for the overhead."),
+    clients: int = typer.Option(8, "--clients", min=1, help="Clients sending at once."),
+    out: Path = typer.Option(Path("runs/bench-serve"), "--out", help="Folder for serve.json and serve.png."),
+) -> None:
+    """What `fedlm serve` adds to fused decoding (time per token, side by side with `fedlm generate`'s path), and
+    many clients at once against one."""
+    from contextlib import nullcontext
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from fedlm.bench.endpoint import measure, plot
+    from fedlm.bench.placement import separate_cores
+    from fedlm.cli.options import EMBEDDED
+    from fedlm.fusion.rules import make_rule
+    from fedlm.models import CLOUD_DEFAULT, load
+
+    try:
+        rule = make_rule(fusion_rule)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--fusion") from err
+    console = Console()
+    edge_model = load(edge)
+    placement = (
+        separate_cores(cloud_model or CLOUD_DEFAULT, weights=cloud_weights.value)
+        if cloud == EMBEDDED
+        else nullcontext({"placement": "given", "url": cloud})
+    )
+    with placement as where, Progress(console=console) as bar:
+        task = bar.add_task("bench serve", total=repeats + 2)
+        result = measure(edge_model, rule, where["url"], max_tokens, repeats, clients, lambda n: bar.advance(task, n))
+    result |= {"edge": edge, "placement": {k: v for k, v in where.items() if k != "url"}}
+    if cloud == EMBEDDED:
+        result["cloud_weights"] = cloud_weights.value
+    atomic.write_json(out / "serve.json", result, indent=2)
+    plot(result, out / "serve.png")
+    overhead, one, many = result["overhead"], result["clients"]["one_client"], result["clients"]["at_once"]
+    console.print(
+        f"overhead: fedlm serve {overhead['endpoint_ms_per_token_median']} ms/token; fedlm generate's path "
+        f"{overhead['direct_ms_per_token_median']} (ratio {overhead['ratio']}); the library with a kept cloud client "
+        f"{overhead['kept_ms_per_token_median']} (ratio {overhead['ratio_to_kept_client']}); medians of {repeats}, "
+        f"same answers: {overhead['same_answers']}"
+    )
+    console.print(
+        f"clients: 1 client {one['tokens_per_s']} tok/s (p50 {one['latency_ms_p50']} ms); {clients} at once "
+        f"{many['tokens_per_s']} tok/s (p50 {many['latency_ms_p50']} ms, p95 {many['latency_ms_p95']} ms), "
+        f"{many['errors']} errors; aggregate {result['aggregate_ratio']}x one client; wrote {out / 'serve.json'} "
+        f"and {out / 'serve.png'}"
+    )
+
+
 @app.command("many-devices")
 def many_devices(
     clients: int = typer.Option(50, "--clients", min=2, help="Virtual clients in the simulation."),
