@@ -26,12 +26,15 @@ import pytest
 
 from conftest import missing_peer
 from fedlm.cloud.client import AsyncCloudClient, CloudClient, CloudError
+from fedlm.cloud.service import background_app
 from fedlm.eval.scorers import CloudScorer
 from fedlm.fusion.decoder import FusedDecoder, FusionConfig, FusionResult
 from fedlm.fusion.rules import make_rule
 from fedlm.models import EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.cache import ensure_converted
 from fedlm.models.registry import BUILTIN
+from fedlm.privacy import EgressGate
+from fedlm.serve.app import MODEL_NAME, Gateway, create_gateway_app
 
 pytestmark = pytest.mark.peer
 LLAMA_SERVER_VERSION = "11434.0.0"
@@ -188,6 +191,27 @@ def test_scoring_against_llama_server_fails_at_once(llama_server: str) -> None:
     pairs = [("The capital of France is", " Paris.")] * 40
     with pytest.raises(CloudError, match="cannot score text"):
         CloudScorer(llama_server).score(pairs)
+
+
+def test_fedlm_serve_over_llama_server_answers_and_refuses_to_score(edge: LoadedModel, llama_server: str) -> None:
+    """The device's endpoint with llama-server upstream, through the openai client: chat is fused (read ahead); a
+    prompt to score is refused with a 400 that says why, never scored by the edge alone under the fused name."""
+    import openai
+
+    with EgressGate("off") as gate:
+        gateway = Gateway(edge, make_rule("router"), FusionConfig(max_tokens=16), llama_server, gate)
+        with background_app(create_gateway_app(gateway), "fedlm serve") as url:
+            client = openai.OpenAI(base_url=url, api_key="unused", max_retries=0)
+            reply = client.chat.completions.create(
+                model=MODEL_NAME, messages=[{"role": "user", "content": "What is the capital of France?"}]
+            )
+            with pytest.raises(openai.BadRequestError, match="cannot score text"):
+                client.completions.create(
+                    model=MODEL_NAME, prompt="The capital of France is Paris.", echo=True, logprobs=1
+                )
+    fedlm = reply.model_extra["fedlm"]
+    assert "Paris" in reply.choices[0].message.content and fedlm["cloud_protocol"] == "ahead"
+    assert not fedlm["warnings"] and set(fedlm["sources"]) & {"fused", "cloud"}
 
 
 def test_the_probe_finds_vllm_readable_by_echo(vllm: str) -> None:
