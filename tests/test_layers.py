@@ -17,7 +17,8 @@ LAYERS: list[set[str]] = [
     {"cloud", "privacy"},
     {"fusion", "kvcomm", "federated"},
     {"eval"},
-    {"bench", "serve"},
+    {"serve"},
+    {"bench"},
     {"cli"},
 ]
 ROOT = Path(fedlm.__file__).parent
