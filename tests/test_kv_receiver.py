@@ -15,7 +15,7 @@ from fedlm.eval.scorers import LocalScorer
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter, token_map
 from fedlm.kvcomm.select import LinkEstimate, select
-from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
+from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters, hinted_context
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import capture
 from fedlm.models import LoadedModel
@@ -95,6 +95,17 @@ def test_t2t_puts_the_transmitters_hint_in_front(tiny_llama: LoadedModel, tiny_u
     assert scores == pytest.approx(LocalScorer(tiny_llama).score(hinted), abs=1e-4)
     assert hint.bytes_sent > 0 and hint.bytes_received > 0 and scorer.bytes[0] > 0
     assert hinted_context("Q", "  ") == "Q"
+
+
+def test_t2t_with_several_transmitters_reads_every_hint(tiny_llama: LoadedModel, tiny_url: str) -> None:
+    with CloudClient(tiny_url) as first, CloudClient(tiny_url) as second:
+        one = TextTransmitter(first, max_tokens=4).hint(PAIRS[0][0])
+        both = TextTransmitters([TextTransmitter(first, max_tokens=4), TextTransmitter(second, max_tokens=4)])
+        hint = both.hint(PAIRS[0][0])
+    # the same greedy server twice: two copies of the one hint, each on a line of its own, and both paid for
+    assert hint.text.splitlines() == ([one.text.strip()] * 2 if one.text.strip() else [])
+    assert hint.bytes_sent == 2 * one.bytes_sent
+    assert hinted_context("Q", "a\nb") == "Hint from another model: a\nHint from another model: b\nQ"
 
 
 def test_fusion_over_http_matches_fusion_in_process(

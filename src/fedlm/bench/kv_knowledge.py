@@ -71,7 +71,7 @@ def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float,
     while steps < max_steps and recalled < target:
         model.train()
         for _ in range(50):
-            batch = rng.sample(rows, 16)
+            batch = rng.sample(rows, min(16, len(rows)))
             enc = tokenizer([mcq_context(r) for r in batch], return_tensors="pt", padding=True)
             logits = model(**enc).logits[:, -1].float()
             loss = torch.nn.functional.cross_entropy(logits, choice_ids[[r.answer for r in batch]])

@@ -18,7 +18,7 @@ from pathlib import Path
 from fedlm.egress import EgressHook
 from fedlm.eval.scorers import Pair
 from fedlm.kvcomm.receiver import KVReceiver
-from fedlm.kvcomm.t2t import TextTransmitter, hinted_context
+from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters, hinted_context
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import WireFormat
 from fedlm.models import LoadedModel
@@ -35,7 +35,7 @@ class KVScorer:
         self,
         receiver: KVReceiver,
         mask: Mapping[str, bool] | None = None,
-        hint: TextTransmitter | None = None,
+        hint: TextTransmitter | TextTransmitters | None = None,
         name: str = "kv",
         wire_bytes: Callable[[], int] = lambda: 0,
     ) -> None:

@@ -9,6 +9,7 @@ so it crosses the same privacy gate as every other cloud request.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fedlm.cloud.client import CloudClient
@@ -25,8 +26,9 @@ class Hint:
 
 
 def hinted_context(context: str, hint: str) -> str:
-    """The receiver's context with the transmitter's hint in front of it."""
-    return f"Hint from another model: {hint.strip()}\n{context}" if hint.strip() else context
+    """The receiver's context with the transmitters' hints in front of it, one line each."""
+    lines = [line.strip() for line in hint.splitlines() if line.strip()]
+    return "".join(f"Hint from another model: {line}\n" for line in lines) + context
 
 
 class TextTransmitter:
@@ -44,4 +46,22 @@ class TextTransmitter:
             time.perf_counter() - start,
             self.client.traffic.bytes_sent - sent,
             self.client.traffic.bytes_received - received,
+        )
+
+
+class TextTransmitters:
+    """Several text transmitters asked at once, in parallel: their hints joined, one per line (FedRefine's T2T
+    baseline with many devices). The receiver waits for the slowest; the bytes are everyone's."""
+
+    def __init__(self, transmitters: list[TextTransmitter]) -> None:
+        self.transmitters = transmitters
+
+    def hint(self, context: str) -> Hint:
+        with ThreadPoolExecutor(max_workers=max(len(self.transmitters), 1)) as pool:
+            hints = list(pool.map(lambda t: t.hint(context), self.transmitters))
+        return Hint(
+            "\n".join(h.text.strip() for h in hints if h.text.strip()),
+            max((h.seconds for h in hints), default=0.0),
+            sum(h.bytes_sent for h in hints),
+            sum(h.bytes_received for h in hints),
         )
