@@ -9,10 +9,12 @@ taking part (the Gemma device among the first two), in every mode:
 - T2T: each device writes a short hint, and the receiver reads them all before the question;
 - C2C: each device sends its cache of the question, and the receiver fuses them all into its own;
 - C2C zeroed: the same fusers fed all-zero caches (the control: what the fusers do without any transmitter).
-Devices of one architecture share a fuser, trained on one device's training facts (weights are not part of a
-fuser's model fingerprint; the adapter only changes what the cache holds).
+The fusers learn to read an answer off a cache, not the answers: each architecture's fuser is trained on a
+training adapter of its own, which memorised a pool of other people's facts that no device holds (weights are not
+part of a fuser's model fingerprint; an adapter only changes what the cache holds). Every device fact is a test
+question, unseen by every fuser.
 
-    .venv/bin/python -m fedlm.bench.kv_devices [--per-device 40] [--train-per-device 20] [--fuser-steps 200]
+    .venv/bin/python -m fedlm.bench.kv_devices [--per-device 20] [--train-facts 160] [--fuser-steps 250]
 
 Adapters and fusers are kept under <cache>/adapters and <cache>/fusers and reused (--retrain: train anew).
 Writes runs/bench-kv-devices/kv_devices.json.
@@ -39,7 +41,7 @@ from fedlm.kvcomm.fuser import is_trained, trained_fuser_dir
 from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
-from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, load
+from fedlm.models import CLOUD_DEFAULT, EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.cache import cache_root
 from fedlm.models.loader import with_adapter
 
@@ -49,49 +51,50 @@ HINT_TOKENS = 8
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--per-device", type=int, default=40, help="Facts each device knows.")
-    parser.add_argument("--train-per-device", type=int, default=20, help="Of those, facts a fuser may train on.")
-    parser.add_argument("--fuser-steps", type=int, default=200)
+    parser.add_argument("--per-device", type=int, default=20, help="Facts each device knows (all are asked).")
+    parser.add_argument("--train-facts", type=int, default=160, help="Other facts, that the fusers train on.")
+    parser.add_argument("--fuser-steps", type=int, default=250)
     parser.add_argument("--recall-target", type=float, default=0.95)
     parser.add_argument("--max-adapter-steps", type=int, default=1000)
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-kv-devices"))
     args = parser.parse_args()
-    if not 0 < args.train_per_device < args.per_device:
-        parser.error("--train-per-device must leave some of --per-device to test on")
-    facts = city_facts(len(DEVICES) * args.per_device, seed=1)
+    held = len(DEVICES) * args.per_device
+    facts = city_facts(held + args.train_facts, seed=1)  # distinct people: the devices' first, then the pool's
     shares = [fact_questions(facts[i * args.per_device : (i + 1) * args.per_device]) for i in range(len(DEVICES))]
+    pool = fact_questions(facts[held:])
     receiver = load(EDGE_DEFAULT, quiet=True)
-    report: dict = {"devices": list(DEVICES), "per_device": args.per_device, "train_per_device": args.train_per_device}
+    report: dict = {"devices": list(DEVICES), "per_device": args.per_device, "train_facts": args.train_facts}
 
-    # each device memorises its own share into its own adapter, as it would learn from its own data
-    transmitters, adapters = [], {}
-    for i, (model, rows) in enumerate(zip(DEVICES, shares, strict=True)):
-        folder = cache_root() / "adapters" / f"{model}-city-facts-{len(facts)}-device{i}"
+    adapters: dict = {}
+
+    def adapted(model: str, rows: list, name: str) -> LoadedModel:
+        """`model` with an adapter that memorised `rows` (trained once, then kept in the cache)."""
+        folder = cache_root() / "adapters" / f"{model}-city-facts-{len(facts)}-{name}"
         if args.retrain or not (folder / "adapter_config.json").is_file():
-            adapters[f"device{i}"] = memorise(
-                load(model, quiet=True), rows, folder, args.recall_target, args.max_adapter_steps
-            )
-        transmitters.append(with_adapter(load(model, quiet=True), folder, merge=True))
+            adapters[name] = memorise(load(model, quiet=True), rows, folder, args.recall_target, args.max_adapter_steps)
+        return with_adapter(load(model, quiet=True), folder, merge=True)
+
+    # one fuser per architecture, trained on a training adapter that memorised the pool (no device's facts)
+    fusers: dict[str, Path] = {}
+    for model in dict.fromkeys(DEVICES):
+        trainer = adapted(model, pool, "pool")
+        folder = trained_fuser_dir(receiver.name, trainer.name, task=None)
+        if args.retrain or not is_trained(folder):
+            cut = len(pool) * 7 // 8  # the rest of the pool is the curve's held-out part
+            fit_fuser(receiver, trainer, pool[:cut], pool[cut:], args.fuser_steps).save(folder)
+        fusers[model] = folder
+    # each device memorises its own share into its own adapter, as it would learn from its own data
+    transmitters = [
+        adapted(model, rows, f"device{i}") for i, (model, rows) in enumerate(zip(DEVICES, shares, strict=True))
+    ]
     report["adapters"] = adapters
 
-    # one fuser per architecture, trained on the first device of it, on its training facts only
-    fusers: dict[str, Path] = {}
-    for i, (model, rows) in enumerate(zip(DEVICES, shares, strict=True)):
-        if model in fusers:
-            continue
-        folder = trained_fuser_dir(receiver.name, transmitters[i].name, task=None)
-        if args.retrain or not is_trained(folder):
-            train, held = rows[: args.train_per_device], rows[args.train_per_device :]
-            fit_fuser(receiver, transmitters[i], train, held, args.fuser_steps).save(folder)
-        fusers[model] = folder
-
-    # the questions: every device's held-out facts, interleaved so that each device owns a quarter
-    tests = [rows[args.train_per_device :] for rows in shares]
-    questions = [row for group in zip(*tests, strict=True) for row in group]
+    # the questions: every device's facts, interleaved so that each device owns a quarter
+    questions = [row for group in zip(*shares, strict=True) for row in group]
     report["questions"] = len(questions)
     report["own_recall"] = {
-        f"device{i}": round(evaluate_mcq(tests[i], LocalScorer(t))["accuracy"], 4) for i, t in enumerate(transmitters)
+        f"device{i}": round(evaluate_mcq(shares[i], LocalScorer(t))["accuracy"], 4) for i, t in enumerate(transmitters)
     }
     alone = KVReceiver(receiver, [])
     modes: dict = {"receiver": run_mode(questions, KVScorer(alone))}
