@@ -14,7 +14,7 @@ training adapter of its own, which memorised a pool of other people's facts that
 part of a fuser's model fingerprint; an adapter only changes what the cache holds). Every device fact is a test
 question, unseen by every fuser.
 
-    .venv/bin/python -m fedlm.bench.kv_devices [--per-device 20] [--train-facts 160] [--fuser-steps 250]
+    .venv/bin/python -m fedlm.bench.kv_devices [--per-device 20] [--train-facts 80] [--fuser-steps 250]
 
 Adapters and fusers are kept under <cache>/adapters and <cache>/fusers and reused (--retrain: train anew).
 Writes runs/bench-kv-devices/kv_devices.json.
@@ -23,6 +23,8 @@ Writes runs/bench-kv-devices/kv_devices.json.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -52,10 +54,11 @@ HINT_TOKENS = 8
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-device", type=int, default=20, help="Facts each device knows (all are asked).")
-    parser.add_argument("--train-facts", type=int, default=160, help="Other facts, that the fusers train on.")
+    # a rank-16 adapter memorised 80 facts in 50 steps; with 160 its recall stayed at chance for 400 steps
+    parser.add_argument("--train-facts", type=int, default=80, help="Other facts, that the fusers train on.")
     parser.add_argument("--fuser-steps", type=int, default=250)
     parser.add_argument("--recall-target", type=float, default=0.95)
-    parser.add_argument("--max-adapter-steps", type=int, default=1000)
+    parser.add_argument("--max-adapter-steps", type=int, default=600)
     parser.add_argument("--retrain", action="store_true")
     parser.add_argument("--out", type=Path, default=Path("runs/bench-kv-devices"))
     args = parser.parse_args()
@@ -69,8 +72,10 @@ def main() -> None:
     adapters: dict = {}
 
     def adapted(model: str, rows: list, name: str) -> LoadedModel:
-        """`model` with an adapter that memorised `rows` (trained once, then kept in the cache)."""
-        folder = cache_root() / "adapters" / f"{model}-city-facts-{len(facts)}-{name}"
+        """`model` with an adapter that memorised `rows` (trained once, then kept in the cache under a name that
+        says exactly which facts it holds)."""
+        digest = hashlib.sha256(json.dumps([r.model_dump() for r in rows]).encode()).hexdigest()[:12]
+        folder = cache_root() / "adapters" / f"{model}-city-facts-{name}-{digest}"
         if args.retrain or not (folder / "adapter_config.json").is_file():
             adapters[name] = memorise(load(model, quiet=True), rows, folder, args.recall_target, args.max_adapter_steps)
         return with_adapter(load(model, quiet=True), folder, merge=True)
