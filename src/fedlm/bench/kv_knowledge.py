@@ -61,14 +61,16 @@ def recall(model, tokenizer, rows: list[McqRow], choice_ids: torch.Tensor) -> fl
 
 
 def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float, max_steps: int) -> dict:
-    """Fit a rank-16 LoRA until it recalls `target` of the facts (cross-entropy on the answer token only)."""
+    """Fit a rank-16 LoRA until it recalls `target` of the facts (cross-entropy on the answer token only). It ends
+    on the weights that recalled the most: on 80 facts, Gemma's recall reached 0.725 and then fell to 0.15."""
     model = wrap(edge.model, 16, TARGETS)
     tokenizer, side = edge.tokenizer, edge.tokenizer.padding_side
     tokenizer.padding_side = "left"  # every row's last position is its own "Answer:"
     choice_ids = torch.tensor([answer_token(edge, rows[0], i) for i in range(len(rows[0].choices))])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     rng, start, steps, recalled = random.Random(0), time.perf_counter(), 0, 0.0
-    while steps < max_steps and recalled < target:
+    best, best_state = -1.0, None
+    while steps < max_steps and best < target:
         model.train()
         for _ in range(50):
             batch = rng.sample(rows, min(16, len(rows)))
@@ -82,6 +84,11 @@ def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float,
         model.eval()
         recalled = recall(model, tokenizer, rows, choice_ids)
         print(f"adapter: {steps} steps, recalls {recalled:.3f} of the facts ({time.perf_counter() - start:.0f} s)")
+        if recalled > best:
+            best, best_state = recalled, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
+    if best_state is not None:
+        model.load_state_dict(best_state, strict=False)
+    recalled = best
     tokenizer.padding_side = side
     with atomic.staged_dir(folder) as staging:
         model.save_pretrained(staging)
