@@ -98,7 +98,9 @@ def _serving(case: schemathesis.Case, model: str) -> schemathesis.Case:
             case.body["model"] = model
         for field in ("max_tokens", "max_completion_tokens"):
             value = case.body.get(field)
-            if isinstance(value, int | float) and not isinstance(value, bool) and 0 <= value <= Limits.max_tokens:
+            # only a whole number is capped: a fraction is the invalid value a negative case sent on purpose
+            whole = isinstance(value, int | float) and not isinstance(value, bool) and float(value).is_integer()
+            if whole and 0 <= value <= Limits.max_tokens:
                 case.body[field] = min(int(value), MAX_TOKENS)
     return case
 
