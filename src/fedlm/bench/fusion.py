@@ -22,9 +22,8 @@ from fedlm.eval.bpb import evaluate_bpb
 from fedlm.eval.mcq import evaluate_mcq, mcq_pairs
 from fedlm.eval.scorers import CloudScorer, LocalScorer, Pair
 from fedlm.fusion.decoder import FusionConfig, fuse_once
-from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import FusionRule, make_rule
-from fedlm.fusion.step import experts_at, score_target
+from fedlm.fusion.step import read_experts, score_target
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 
@@ -59,7 +58,7 @@ def score_modes(
         positions = reader.target_positions(context, target)
         scores["edge"].append(sum(float(before[t]) for t, _, before in positions))
         # one projection per position, which every rule then fuses: the rules differ only in how they combine
-        experts = [(t, at, experts_at(aligner, Beliefs(before), view.candidates_at(at))) for t, at, before in positions]
+        experts = read_experts(aligner, positions, view)
         for name, rule in fusers.items():
             scores[f"fused-{name}"].append(score_target(rule, experts, view, len(context + target))[0])
     return scores

@@ -18,9 +18,8 @@ import torch
 from fedlm.cloud.client import AsyncCloudClient, CloudError
 from fedlm.cloud.logprobs import CloudText, read_cloud_text, read_scored
 from fedlm.egress import EgressHook
-from fedlm.fusion.edge import Beliefs
 from fedlm.fusion.rules import FusionRule
-from fedlm.fusion.step import experts_at, score_target, target_logprobs
+from fedlm.fusion.step import read_experts, score_target, target_logprobs
 from fedlm.fusion.vocab import VocabAligner
 from fedlm.models import LoadedModel
 from fedlm.models.token_bytes import token_bytes_table, token_starts
@@ -173,10 +172,7 @@ class FusedScorer:
         views = self.cloud.views(pairs, self.top_logprobs)
         out = []
         for (context, target), view in zip(pairs, views, strict=True):
-            positions = [
-                (token, start, experts_at(self.aligner, Beliefs(before), view.candidates_at(start)))
-                for token, start, before in self.edge.target_positions(context, target)
-            ]
+            positions = read_experts(self.aligner, self.edge.target_positions(context, target), view)
             total, informed = score_target(self.rule, positions, view, len(context + target))
             self.target_tokens += len(positions)
             self.fused_tokens += sum(informed)
@@ -202,14 +198,10 @@ def fused_reading(
 ) -> list[ReadToken]:
     """Every token of `text` in the edge's tokens with its fused log-probability, scored as `FusedScorer` scores a
     target (`score_target`), from the edge's reading and the cloud's (`cloud`: None, the edge alone)."""
-    every = edge.positions(text)
-    scored = [
-        (token, start, experts_at(aligner, Beliefs(before), cloud.candidates_at(start) if cloud else None))
-        for token, start, _, before in every
-        if before is not None
-    ]
+    (first, first_start, _, _), *rest = edge.positions(text)
+    scored = read_experts(aligner, [(token, start, before) for token, start, _, before in rest], cloud)
     logprobs, informed = target_logprobs(rule, scored, cloud or CloudText({}), len(text))
-    out = [ReadToken(token, start, None, (), False) for token, start, _, before in every if before is None]
+    out = [ReadToken(first, first_start, None, (), False)]  # nothing predicts the first token
     for (token, start, experts), logprob, cloud_informed in zip(scored, logprobs, informed, strict=True):
         top: tuple[tuple[int, float], ...] = ()
         if top_k:

@@ -51,7 +51,6 @@ from fedlm.models.token_bytes import char_len, token_bytes_table, token_text
 log = logging.getLogger(__name__)
 Source = Literal["edge", "cloud", "fused"]
 PLAIN_CLOUD_PREFIX = "User: {prompt}\nAssistant:"
-TOP_LOGPROBS = 20  # alternatives kept per answered token, for clients that ask for logprobs (OpenAI's most)
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class FusionConfig:
     lookahead: int = 1
     deadline_ms: float = 2000.0
     top_logprobs: int = 20
+    answer_top_k: int = 0  # alternatives kept per answered token (`FusedToken.top`), for clients that ask for them
     simulate_rtt_ms: float = 0.0  # sleeps (never spins) before each cloud answer is read: a stand-in network
     cloud_prefix: str = PLAIN_CLOUD_PREFIX  # how the cloud sees the conversation; `{prompt}` is the user's text
     cloud_separator: str = " "  # between the prefix and the answer, as the cloud reads it ("Assistant: The")
@@ -72,7 +72,7 @@ class FusedToken:
     raw: bytes
     source: Source
     logprob: float = 0.0  # under the fused distribution it was chosen from
-    top: tuple[tuple[int, float], ...] = ()  # that distribution's `TOP_LOGPROBS` likeliest (token id, logprob)
+    top: tuple[tuple[int, float], ...] = ()  # that distribution's `answer_top_k` likeliest (token id, logprob)
 
     @property
     def text(self) -> str:
@@ -287,8 +287,10 @@ class FusedDecoder:
                 return False, True
             state.answer += self.token_bytes[choice]
             state.chars += char_len(self.token_bytes[choice])
-            values, ids = fused.logprobs.topk(min(TOP_LOGPROBS, fused.logprobs.numel()))
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+            top: tuple[tuple[int, float], ...] = ()
+            if self.config.answer_top_k:  # only when a client asked: a top-k over the vocabulary every token costs
+                values, ids = fused.logprobs.topk(min(self.config.answer_top_k, fused.logprobs.numel()))
+                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
             result.tokens.append(
                 FusedToken(choice, self.token_bytes[choice], source, float(fused.logprobs[choice]), top)
             )

@@ -9,7 +9,7 @@ projection. Where the cloud said nothing (not asked, late, or no shared text bou
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +32,17 @@ def experts_at(aligner: VocabAligner, beliefs: Beliefs, candidates: list[CloudCa
     Several rules can fuse the same experts (the benchmark compares them on one reading)."""
     projection = aligner.project(candidates, beliefs.local) if candidates else None
     return Experts(beliefs.base, projection, beliefs.adapted)
+
+
+def read_experts(
+    aligner: VocabAligner, positions: Iterable[tuple[int, int, torch.Tensor]], cloud: CloudText | None
+) -> list[tuple[int, int, Experts]]:
+    """(token id, start offset, experts) for each (token id, start offset, edge distribution) of a text the cloud
+    read as `cloud` (None: the cloud said nothing, the edge stands alone)."""
+    return [
+        (token, start, experts_at(aligner, Beliefs(before), cloud.candidates_at(start) if cloud else None))
+        for token, start, before in positions
+    ]
 
 
 def fuse_at(

@@ -19,8 +19,8 @@ import json
 import math
 import time
 import weakref
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal
 
@@ -59,7 +59,6 @@ from fedlm.serve.provenance import provenance
 
 MODEL_NAME = "fedlm-fused"
 PLAYGROUND = resources.files("fedlm.serve").joinpath("playground.html").read_text(encoding="utf-8")
-CLOUD_TOP_K = 20  # the cloud's candidates asked per position when a prompt is scored, as `fedlm eval` asks
 
 
 class GatewayCompletionRequest(p.SamplingFields):
@@ -74,27 +73,26 @@ class GatewayCompletionRequest(p.SamplingFields):
 
 
 @dataclass
-class Answer:
-    """A fused answer, and the audit records of what it sent."""
-
-    result: FusionResult
-    audit: list[AuditRecord] = field(default_factory=list)
-    adapter: str | None = None  # the adapter on the edge, routed to or fixed
-    routing: dict[str, float] | None = None  # with routing: each cluster adapter's loss on the prompt
-
-
-@dataclass
 class PromptReading:
-    """A prompt scored by the fused model, what asking the cloud about it cost, and the audit records it left."""
+    """A prompt scored by the fused model, and what asking the cloud about it cost."""
 
     tokens: list[ReadToken]
     cloud_calls: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Answer:
+    """What one request's work made: the fused answer, the prompt's reading when it was asked for (`echo`), the
+    adapter that answered, and the audit records of everything the work sent."""
+
+    result: FusionResult
+    reading: PromptReading | None = None
     audit: list[AuditRecord] = field(default_factory=list)
-    adapter: str | None = None
-    routing: dict[str, float] | None = None
+    adapter: str | None = None  # the adapter on the edge, routed to or fixed
+    routing: dict[str, float] | None = None  # with routing: each cluster adapter's loss on the prompt
 
 
 @dataclass
@@ -149,68 +147,67 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         prompt: str,
         history: list[dict[str, str]],
         max_tokens: int,
+        *,
         on_token: Callable[[FusedToken], None] | None = None,
+        top_k: int = 0,
+        read: bool = False,
     ) -> Answer:
-        if max_tokens == 0:
-            return Answer(FusionResult(), adapter=gateway.adapter)
-        config = dataclasses.replace(gateway.config, max_tokens=max_tokens)
+        """One request's work, in one turn: the adapter is chosen once, the prompt is scored first when `read`
+        (`echo`), then up to `max_tokens` are answered; `top_k` alternatives are kept per token for logprobs."""
         turn, cloud = loop_state()
-        async with turn:  # one piece of work at a time: what the audit log gains meanwhile is this answer's
+        async with turn:  # one piece of work at a time: what the audit log gains meanwhile is this request's
             adapter, routing = await choose_adapter(prompt)
             mark = gateway.gate.audit.appended
-            decoder = FusedDecoder(gateway.edge, gateway.rule, cloud, config)
-            result = await decoder.generate(prompt, history, on_token)
-            return Answer(result, gateway.gate.audit.since(mark), adapter, routing)
+            reading = await read_prompt(cloud, prompt, top_k) if read else None
+            result = FusionResult()
+            if max_tokens:
+                config = dataclasses.replace(gateway.config, max_tokens=max_tokens, answer_top_k=top_k)
+                decoder = FusedDecoder(gateway.edge, gateway.rule, cloud, config)
+                result = await decoder.generate(prompt, history, on_token)
+            return Answer(result, reading, gateway.gate.audit.since(mark), adapter, routing)
 
-    async def read_prompt(prompt: str, top_k: int) -> PromptReading:
+    async def read_prompt(cloud: AsyncCloudClient | None, prompt: str, top_k: int) -> PromptReading:
         """The prompt scored by the fused model, as `fedlm eval --mode fused` scores a text. A cloud that cannot
         score text is a 400 and a failing one a 503 (a client retries): either way no score is passed off as fused
         that is not. The privacy gate keeping the prompt back is its policy, reported in the provenance."""
-        turn, cloud = loop_state()
-        async with turn:
-            reading, view, mark = PromptReading([]), None, gateway.gate.audit.appended
-            reading.adapter, reading.routing = await choose_adapter(prompt)
-            if cloud is not None:
-                before = dataclasses.replace(cloud.traffic)
-                try:
-                    if (protocol := await cloud.protocol()) != "echo":
-                        raise APIError(
-                            400,
-                            f"this endpoint cannot score text with the fused model: its cloud ({gateway.cloud_url}) "
-                            f"returns no prompt logprobs (it is read by '{protocol}'). Ask without echo, or serve with "
-                            "a cloud that echoes prompt logprobs (fedlm cloud serve, vLLM, llama-cpp-python)",
-                            param="echo",
-                            code="cloud_cannot_score",
-                        )
-                    reply = await cloud.complete(prompt, max_tokens=0, echo=True, logprobs=CLOUD_TOP_K, temperature=0)
-                    view = read_cloud_text(reply, prompt)
-                except EgressRefused as err:
-                    reading.warnings.append(
-                        f"the privacy gate kept the prompt on the device: scored by the edge ({err})"
-                    )
-                except LogprobsMissing as err:
-                    reading.warnings.append(f"the cloud did not read this text back (rewritten by the gate?): {err}")
-                except CloudError as err:
+        reading, view = PromptReading([]), None
+        if cloud is not None:
+            before = dataclasses.replace(cloud.traffic)
+            try:
+                if (protocol := await cloud.protocol()) != "echo":
                     raise APIError(
-                        503, f"the cloud failed while scoring the prompt: {err}", "server_error", code="cloud_failed"
-                    ) from err
-                finally:
-                    reading.cloud_calls = cloud.traffic.requests - before.requests
-                    reading.bytes_sent = cloud.traffic.bytes_sent - before.bytes_sent
-                    reading.bytes_received = cloud.traffic.bytes_received - before.bytes_received
-            tokens = await asyncio.to_thread(fused_reading, reader, aligner, gateway.rule, prompt, view, top_k)
-            reading.audit = gateway.gate.audit.since(mark)
+                        400,
+                        f"this endpoint cannot score text with the fused model: its cloud ({gateway.cloud_url}) "
+                        f"returns no prompt logprobs (it is read by '{protocol}'). Ask without echo, or serve with a "
+                        "cloud that echoes prompt logprobs (fedlm cloud serve, vLLM, llama-cpp-python)",
+                        param="echo",
+                        code="cloud_cannot_score",
+                    )
+                top = gateway.config.top_logprobs
+                reply = await cloud.complete(prompt, max_tokens=0, echo=True, logprobs=top, temperature=0)
+                view = read_cloud_text(reply, prompt)
+            except EgressRefused as err:
+                reading.warnings.append(f"the privacy gate kept the prompt on the device: scored by the edge ({err})")
+            except LogprobsMissing as err:
+                reading.warnings.append(f"the cloud did not read this text back (rewritten by the gate?): {err}")
+            except CloudError as err:
+                raise APIError(
+                    503, f"the cloud failed while scoring the prompt: {err}", "server_error", code="cloud_failed"
+                ) from err
+            finally:
+                reading.cloud_calls = cloud.traffic.requests - before.requests
+                reading.bytes_sent = cloud.traffic.bytes_sent - before.bytes_sent
+                reading.bytes_received = cloud.traffic.bytes_received - before.bytes_received
+        tokens = await asyncio.to_thread(fused_reading, reader, aligner, gateway.rule, prompt, view, top_k)
         # tokens the tokenizer adds around the text (a start-of-text token) are not the prompt's
         reading.tokens = [t for t in tokens if not (t.token_id in special and not reader.token_bytes[t.token_id])]
         return reading
 
-    def extension(answer: Answer, reading: PromptReading | None = None) -> dict[str, Any]:
-        info = provenance(answer.result, gateway.gate.policy.value, answer.adapter, answer.audit)
-        info.routing = answer.routing
+    def extension(answer: Answer) -> dict[str, Any]:
+        info = provenance(answer.result, gateway.gate.policy.value, answer.adapter, answer.routing, answer.audit)
+        reading = answer.reading
         if reading is None:
             return info.model_dump(exclude={"prompt_sources"})
-        info.adapter, info.routing = reading.adapter, reading.routing
-        info.audit = [asdict(record) for record in reading.audit] + info.audit
         info.prompt_sources = ["fused" if t.cloud_informed else "edge" for t in reading.tokens if t.logprob is not None]
         info.cloud_calls += reading.cloud_calls
         info.bytes_sent += reading.bytes_sent
@@ -223,19 +220,14 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
     def named(token_id: int, logprob: float) -> Candidate:
         return named_candidate(gateway.edge.tokenizer, reader.token_bytes, token_id, logprob)
 
-    def prompt_positions(reading: PromptReading, top_k: int) -> list[TokenLogprob]:
+    def positions(tokens: Sequence[ReadToken | FusedToken], top_k: int) -> list[TokenLogprob]:
+        """Tokens as the wire gives them, each with its `top_k` alternatives; one that nothing predicts has NaN."""
         return [
             TokenLogprob(
                 named(t.token_id, math.nan if t.logprob is None else t.logprob),
                 tuple(named(i, v) for i, v in t.top[:top_k]),
             )
-            for t in reading.tokens
-        ]
-
-    def answer_positions(result: FusionResult, top_k: int) -> list[TokenLogprob]:
-        return [
-            TokenLogprob(named(t.token_id, t.logprob), tuple(named(i, v) for i, v in t.top[:top_k]))
-            for t in result.tokens
+            for t in tokens
         ]
 
     @app.get("/health")
@@ -262,21 +254,20 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                 code="last_message_not_user",
             )
         budget = body.token_budget(gateway.config.max_tokens)
+        top_k = (body.top_logprobs or 0) if body.logprobs else 0
         if body.stream:
             with admission.held() as ticket:
                 tokens: asyncio.Queue[FusedToken | None] = asyncio.Queue()
-                work = fused(messages[-1]["content"], messages[:-1], budget, tokens.put_nowait)
+                work = fused(messages[-1]["content"], messages[:-1], budget, on_token=tokens.put_nowait)
                 return _chat_stream(ticket, asyncio.ensure_future(work), tokens, budget, extension, live)
         with admission.held():
-            answer = await fused(messages[-1]["content"], messages[:-1], budget)
+            answer = await fused(messages[-1]["content"], messages[:-1], budget, top_k=top_k)
         result = answer.result
         usage = _usage(result)
         finish = "length" if len(result.tokens) >= budget else "stop"
         logprobs = None
         if body.logprobs:
-            logprobs = p.ChoiceLogprobs(
-                content=[chat_logprob(t) for t in answer_positions(result, body.top_logprobs or 0)]
-            )
+            logprobs = p.ChoiceLogprobs(content=[chat_logprob(t) for t in positions(result.tokens, top_k)])
         choice = p.ChatChoice(message=p.AssistantMessage(content=result.text), logprobs=logprobs, finish_reason=finish)
         reply = p.dump(p.ChatCompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
         return {**reply, "fedlm": extension(answer)}
@@ -285,15 +276,14 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
         require_model(body.model, MODEL_NAME, "endpoint")
         top_k = body.logprobs or 0
         with admission.held():
-            reading = await read_prompt(body.prompt, top_k) if body.echo else None
-            answer = await fused(body.prompt, [], body.max_tokens)
-        result = answer.result
+            answer = await fused(body.prompt, [], body.max_tokens, top_k=top_k, read=body.echo)
+        result, reading = answer.result, answer.reading
         finish = "length" if len(result.tokens) >= body.max_tokens else "stop"
         text = body.prompt + result.text if reading else result.text
         logprobs = None
         if body.logprobs is not None:
-            positions = (prompt_positions(reading, top_k) if reading else []) + answer_positions(result, top_k)
-            logprobs, _ = completion_logprobs(positions, top_k, text)
+            read = reading.tokens if reading else []
+            logprobs, _ = completion_logprobs(positions([*read, *result.tokens], top_k), top_k, text)
         choice = p.CompletionChoice(text=text, logprobs=logprobs, finish_reason=finish)
         usage = _usage(result)
         if reading:
@@ -303,7 +293,7 @@ def create_gateway_app(gateway: Gateway, api_key: str | None = None, limits: Lim
                 total_tokens=len(reading.tokens) + len(result.tokens),
             )
         reply = p.dump(p.CompletionResponse(model=MODEL_NAME, choices=[choice], usage=usage))
-        return {**reply, "fedlm": extension(answer, reading)}
+        return {**reply, "fedlm": extension(answer)}
 
     chat.__annotations__["body"], completions.__annotations__["body"] = chat_request, completion_request
     app.post("/v1/chat/completions", responses=STREAMED)(chat)

@@ -30,7 +30,11 @@ class Provenance(BaseModel):
 
 
 def provenance(
-    result: FusionResult, privacy: str, adapter: str | None, audit: Sequence[AuditRecord] = ()
+    result: FusionResult,
+    privacy: str,
+    adapter: str | None,
+    routing: dict[str, float] | None = None,
+    audit: Sequence[AuditRecord] = (),
 ) -> Provenance:
     return Provenance(
         sources=[token.source for token in result.tokens],
@@ -41,6 +45,7 @@ def provenance(
         fallbacks=result.fallbacks,
         privacy=privacy,
         adapter=adapter,
+        routing=routing,
         warnings=result.warnings,
         audit=[asdict(record) for record in audit],
     )
