@@ -33,7 +33,7 @@ EXAMPLES = int(os.environ.get("FEDLM_FUZZ_EXAMPLES", "100"))
 DERANDOMIZE = os.environ.get("FEDLM_FUZZ_RANDOM") != "1"
 MAX_TOKENS = 8
 CLOUD = ["GET /health", "GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions"]
-KV = ["GET /health", "GET /v1/models", "POST /v1/kv"]
+KV = ["GET /health", "GET /v1/models", "POST /v1/kv", "POST /v1/kv/probe"]
 GATEWAY = ["GET /health", "GET /v1/models", "POST /v1/completions", "POST /v1/chat/completions"]
 MODES = [GenerationMode.POSITIVE, GenerationMode.NEGATIVE]
 

@@ -1,5 +1,6 @@
 """The C2C-style cache fuser and its training, on tiny random models of two different layouts and tokenizers."""
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,12 +12,14 @@ from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, FuserMismatchError, add_
 from fedlm.kvcomm.train import (
     Example,
     FuserTrainConfig,
+    Taught,
     evaluate,
     gsm8k_pairs,
     prefill,
     prepare,
     response_loss,
     train,
+    train_many,
     zeroed,
 )
 from fedlm.models.loader import LoadedModel
@@ -227,13 +230,34 @@ def test_training_fits_a_small_fixed_batch(receiver, transmitter) -> None:
     assert not any(p.requires_grad for p in receiver.model.parameters())
     assert curve.best_step == curve.eval_steps[curve.eval_loss.index(min(curve.eval_loss))]
     examples = [prepare(receiver, transmitter, pair) for pair in PAIRS]
-    assert evaluate(fuser, receiver, transmitter, examples) == pytest.approx(min(curve.eval_loss), rel=1e-5)
-    # The control reads the same pairs with every transmitter key and value zeroed, and differs from the fused loss.
     prefills = [prefill(receiver, transmitter, e) for e in examples]
+    assert evaluate(fuser, receiver, examples, prefills.__getitem__) == pytest.approx(min(curve.eval_loss), rel=1e-5)
+    # The control reads the same pairs with every transmitter key and value zeroed, and differs from the fused loss.
     assert all(not k.any() and not v.any() for p in prefills for k, v in zeroed(p).transmitter_kv)
-    control = evaluate(fuser, receiver, transmitter, examples, lambda i: zeroed(prefills[i]))
+    control = evaluate(fuser, receiver, examples, lambda i: zeroed(prefills[i]))
     assert curve.zeroed_transmitter_loss == pytest.approx(control, rel=1e-5)
     assert control != pytest.approx(min(curve.eval_loss), rel=1e-3)
+
+
+def test_training_over_several_transmitters_reads_each_pair_with_its_own(receiver, transmitter) -> None:
+    """Each lesson's pairs are prefilled by that lesson's transmitter: a twin whose weights differ gives other
+    caches, so the same pairs then train and score differently."""
+    twin = copy.deepcopy(transmitter)
+    with torch.no_grad():
+        for param in twin.model.parameters():
+            param.add_(torch.randn_like(param) * 0.5)
+    config = FuserTrainConfig(steps=4, accumulate=2, lr=1e-2, eval_every=2)
+    curves = []
+    for second in (transmitter, twin):
+        torch.manual_seed(0)
+        fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=16))
+        lessons = [Taught(transmitter, PAIRS[:2], PAIRS[2:3]), Taught(second, PAIRS[2:], PAIRS[:1])]
+        curves.append(train_many(fuser, receiver, lessons, config, progress=False))
+    assert len(curves[0].train_loss) == 4 and curves[0].eval_steps == [2, 4]
+    assert curves[0].receiver_alone_loss == pytest.approx(curves[1].receiver_alone_loss)  # the receiver's own
+    assert curves[0].eval_loss != pytest.approx(curves[1].eval_loss, rel=1e-4)  # the twin's caches differ
+    with pytest.raises(ValueError, match="no pairs"):
+        train_many(fuser, receiver, [Taught(transmitter, [])], config, progress=False)
 
 
 def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter, tmp_path: Path) -> None:

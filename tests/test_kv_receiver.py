@@ -14,7 +14,7 @@ from fedlm.eval.mcq import mcq_context
 from fedlm.eval.scorers import LocalScorer
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter, token_map
-from fedlm.kvcomm.select import LinkEstimate, select
+from fedlm.kvcomm.select import LinkEstimate, ValueSelector, select
 from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters, hinted_context
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import capture
@@ -243,3 +243,43 @@ def test_the_qos_mode_measures_links_and_runs_with_what_it_chose(
         strict = qos_mode(kv, clients, rows, 0.0, lambda: clients[0].traffic.bytes_received)
     assert generous["chosen"] == [tiny_gemma.name] and generous["links"][0]["value"] == pytest.approx(1.0)
     assert strict["chosen"] == [] and strict["bytes_per_question"] == 0
+
+
+def test_the_value_selector_asks_the_devices_most_sure_of_this_text() -> None:
+    links = [_link(name, 0.0, 0.05, 1_000) for name in "abc"]  # 100 tokens: 0.15 s and 100 KB each
+    sure = {"a": {"x": 0.9, "y": 0.1}, "b": {"x": 0.2, "y": 0.95}, "c": {"x": 0.125, "y": 0.125}}
+    probes = {name: (lambda text, name=name: (100, sure[name][text])) for name in "abc"}
+    one_cache = ValueSelector(links, probes, latency_budget_s=1.0, byte_budget=150_000)
+    assert one_cache("x").names == ("a",) and one_cache("y").names == ("b",)
+    assert one_cache.values[1] == {"a": 0.1, "b": 0.95, "c": 0.125}
+    assert ValueSelector(links, probes, latency_budget_s=1.0)("x").names == ("a", "b", "c")  # no byte limit
+    assert ValueSelector(links, probes, latency_budget_s=0.1)("x").names == ()  # no link is that fast
+    with pytest.raises(ValueError, match="every link needs a probe"):
+        ValueSelector(links, {"a": probes["a"]}, 1.0)
+
+
+def test_a_choice_per_context_fuses_only_the_chosen(tiny_llama: LoadedModel, tiny_gemma: LoadedModel) -> None:
+    a = _transmitter("a", _fuser(tiny_llama, tiny_gemma, 1), tiny_gemma)
+    b = _transmitter("b", _fuser(tiny_llama, tiny_gemma, 2), tiny_gemma)
+    receiver = KVReceiver(tiny_llama, [a, b])
+    asked: list[str] = []
+
+    def choose(text: str) -> list[str]:
+        asked.append(text)
+        return ["b"]
+
+    chosen = KVScorer(receiver, choose=choose).score(PAIRS)
+    assert chosen == pytest.approx(KVScorer(receiver, {"b": True}).score(PAIRS), abs=1e-6)
+    assert chosen != pytest.approx(KVScorer(receiver, {"a": True}).score(PAIRS), abs=1e-4)
+    assert asked == [PAIRS[0][0]]  # once per context, with the very text the transmitters would read
+    nobody = KVScorer(receiver, choose=lambda text: []).score(PAIRS)
+    assert nobody == pytest.approx(KVScorer(KVReceiver(tiny_llama, [])).score(PAIRS), abs=1e-6)
+
+
+def test_t2t_asks_only_the_chosen_for_hints(tiny_url: str) -> None:
+    with CloudClient(tiny_url) as first, CloudClient(tiny_url) as second:
+        named = {"first": TextTransmitter(first, max_tokens=4), "second": TextTransmitter(second, max_tokens=4)}
+        hint = TextTransmitters(named, choose=lambda context: ["second"]).hint(PAIRS[0][0])
+        assert first.traffic.bytes_sent == 0 and second.traffic.bytes_sent == hint.bytes_sent > 0
+    with pytest.raises(ValueError, match="by name"):
+        TextTransmitters([named["first"]], choose=lambda context: [])

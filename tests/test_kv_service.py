@@ -163,3 +163,24 @@ def test_a_text_too_long_for_the_byte_limit_is_refused_before_the_prefill(tiny_l
         service.capture = real_capture  # type: ignore[assignment]
     assert response.status_code == 400 and response.json()["error"]["code"] == "kv_too_large"
     assert "at least" in response.json()["error"]["message"] and calls["capture"] == 0
+
+
+def test_a_probe_reports_the_certainty_and_the_cache_that_follows_is_the_same_read(
+    url: str, tiny_llama: LoadedModel
+) -> None:
+    local = capture(tiny_llama, TEXT)
+    with torch.no_grad():
+        logits = tiny_llama.model(input_ids=torch.tensor([local.token_ids])).logits[0, -1]
+    assert local.certainty == pytest.approx(float((logits.softmax(-1) * logits.log_softmax(-1)).sum().exp()))
+    assert 1 / len(tiny_llama.tokenizer) <= local.certainty <= 1
+    with TransmitterClient(url, api_key=KEY) as client:
+        probe = client.probe(TEXT)
+        assert (probe.tokens, probe.certainty) == (len(local.token_ids), pytest.approx(local.certainty, abs=1e-6))
+        assert client.traffic.bytes_received > 0 and client.traffic.bytes_sent > 0
+        payload, _, _ = client.encode(TEXT)  # served from the probe's read
+    torch.testing.assert_close(payload.keys[0], local.keys[0], atol=2e-3, rtol=1e-2)  # fp16 on the wire
+    assert payload.certainty is None  # never on the wire: a probe reports it
+    response = httpx.post(
+        url + "/kv/probe", json={"model": "tiny-llama", "text": ""}, headers={"Authorization": f"Bearer {KEY}"}
+    )
+    assert response.status_code == 400 and response.json()["error"]["param"] == "text"

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import random
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -60,39 +61,68 @@ def recall(model, tokenizer, rows: list[McqRow], choice_ids: torch.Tensor) -> fl
     return right / len(rows)
 
 
-def memorise(edge: LoadedModel, rows: list[McqRow], folder: Path, target: float, max_steps: int) -> dict:
+def memorise(
+    edge: LoadedModel,
+    rows: list[McqRow],
+    folder: Path,
+    target: float,
+    max_steps: int,
+    unknown: Sequence[McqRow] = (),
+    lr: float = 3e-3,
+) -> dict:
     """Fit a rank-16 LoRA until it recalls `target` of the facts (cross-entropy on the answer token only). It ends
-    on the weights that recalled the most: on 80 facts, Gemma's recall reached 0.725 and then fell to 0.15."""
+    on the weights that recalled the most: on 80 facts, Gemma's recall reached 0.725 and then fell to 0.15.
+
+    `unknown` are questions about people the device does not know. Each step also pulls the answer to those
+    towards an even spread over the choices, so the adapter's own certainty says what it knows: trained on its
+    facts alone, a device answered others' questions with a mean top probability of 0.9 (1.0 on its own).
+    """
     model = wrap(edge.model, 16, TARGETS)
     tokenizer, side = edge.tokenizer, edge.tokenizer.padding_side
     tokenizer.padding_side = "left"  # every row's last position is its own "Answer:"
     choice_ids = torch.tensor([answer_token(edge, rows[0], i) for i in range(len(rows[0].choices))])
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng, start, steps, recalled = random.Random(0), time.perf_counter(), 0, 0.0
-    best, best_state = -1.0, None
+    best, best_state, log = -1.0, None, []
     while steps < max_steps and best < target:
         model.train()
         for _ in range(50):
             batch = rng.sample(rows, min(16, len(rows)))
-            enc = tokenizer([mcq_context(r) for r in batch], return_tensors="pt", padding=True)
-            logits = model(**enc).logits[:, -1].float()
-            loss = torch.nn.functional.cross_entropy(logits, choice_ids[[r.answer for r in batch]])
+            strangers = rng.sample(list(unknown), min(len(batch), len(unknown)))
+            enc = tokenizer([mcq_context(r) for r in batch + strangers], return_tensors="pt", padding=True)
+            logprobs = model(**enc).logits[:, -1].float().log_softmax(-1)
+            known = logprobs[: len(batch)].gather(1, choice_ids[[r.answer for r in batch]][:, None])
+            loss = -known.mean()
+            if strangers:  # cross-entropy against an even spread over the choices
+                loss = loss - logprobs[len(batch) :, choice_ids].mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             steps += 1
         model.eval()
         recalled = recall(model, tokenizer, rows, choice_ids)
+        doubt = certainty(model, tokenizer, list(unknown)) if unknown else None
+        log.append({"steps": steps, "recall": round(recalled, 4), "certainty_on_unknown": doubt})
         print(f"adapter: {steps} steps, recalls {recalled:.3f} of the facts ({time.perf_counter() - start:.0f} s)")
         if recalled > best:
             best, best_state = recalled, {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" in k}
     if best_state is not None:
         model.load_state_dict(best_state, strict=False)
-    recalled = best
     tokenizer.padding_side = side
     with atomic.staged_dir(folder) as staging:
         model.save_pretrained(staging)
-    return {"steps": steps, "recall": round(recalled, 4), "seconds": round(time.perf_counter() - start, 1)}
+    return {"steps": steps, "recall": round(best, 4), "log": log, "seconds": round(time.perf_counter() - start, 1)}
+
+
+@torch.no_grad()
+def certainty(model, tokenizer, rows: list[McqRow]) -> float:
+    """Mean exp(-entropy) of the next token after each question: 1 when sure, 1/8 when spread over eight cities."""
+    total = 0.0
+    for start in range(0, len(rows), 64):
+        enc = tokenizer([mcq_context(r) for r in rows[start : start + 64]], return_tensors="pt", padding=True)
+        logprobs = model(**enc).logits[:, -1].float().log_softmax(-1)
+        total += float((logprobs.exp() * logprobs).sum(-1).exp().sum())
+    return round(total / len(rows), 4)
 
 
 def fit_fuser(

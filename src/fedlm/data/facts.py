@@ -70,6 +70,16 @@ def city_facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
     return [(person, rng.choice(CITIES)) for person in people]
 
 
+def strangers(n: int, known: list[tuple[str, str]], seed: int = 0) -> list[str]:
+    """`n` people from the same name lists who are not among `known`: a device's negatives, the names it must learn
+    that it knows nothing about (each shares a first or a last name with many people it does know)."""
+    taken = {person for person, _ in known}
+    free = [f"{first} {last}" for first in FIRST for last in LAST if f"{first} {last}" not in taken]
+    if not 0 <= n <= len(free):
+        raise ValueError(f"{len(free)} people are left beside the {len(taken)} known, {n} asked")
+    return random.Random(seed).sample(free, n)
+
+
 def fact_questions(facts: list[tuple[str, str]]) -> list[McqRow]:
     """One question per fact, every city a choice (chance 1/8)."""
     return [

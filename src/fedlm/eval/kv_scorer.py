@@ -17,7 +17,7 @@ from pathlib import Path
 
 from fedlm.egress import EgressHook
 from fedlm.eval.scorers import Pair
-from fedlm.kvcomm.receiver import KVReceiver
+from fedlm.kvcomm.receiver import Choose, KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters, hinted_context
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import WireFormat
@@ -27,8 +27,9 @@ from fedlm.models import LoadedModel
 class KVScorer:
     """Scores targets with the receiver; consecutive pairs that share a context share one fused (or hinted) read.
 
-    `mask` picks the transmitters whose caches are fused (none: the receiver alone); `hint` (T2T) puts a
-    transmitter's text in front of the context instead. Per context it records the seconds and the bytes.
+    `mask` picks the transmitters whose caches are fused (none: the receiver alone), or `choose` picks them per
+    context (QoS selection); `hint` (T2T) puts a transmitter's text in front of the context instead. Per context
+    it records the seconds and the bytes.
     """
 
     def __init__(
@@ -38,8 +39,10 @@ class KVScorer:
         hint: TextTransmitter | TextTransmitters | None = None,
         name: str = "kv",
         wire_bytes: Callable[[], int] = lambda: 0,
+        choose: Choose | None = None,
     ) -> None:
         self.receiver, self.mask, self.hint, self.name, self.wire_bytes = receiver, mask or {}, hint, name, wire_bytes
+        self.choose = choose
         self.tokenizer = receiver.receiver.tokenizer
         self.seconds: list[float] = []
         self.bytes: list[int] = []
@@ -65,7 +68,7 @@ class KVScorer:
             hint = self.hint.hint(context)
             context, hint_bytes = hinted_context(context, hint.text), hint.bytes_sent + hint.bytes_received
         ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
-        cache = self.receiver.context_cache(ids, self.mask)
+        cache = self.receiver.context_cache(ids, self.mask, self.choose)
         scores = [
             self.receiver.target_logprob(cache, ids[-1], self.tokenizer(t, add_special_tokens=False)["input_ids"])
             for t in targets

@@ -10,10 +10,18 @@ the blob echoes back as `payload.text`, with token spans into that text. Use it,
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 from fedlm.cloud.client import CloudClient, error_from
 from fedlm.egress import EgressHook
 from fedlm.kvcomm.wire import DEFAULT_MAX_BYTES, KVPayload, WireFormat, decode
+
+
+@dataclass(frozen=True)
+class Probe:
+    tokens: int
+    certainty: float  # exp(-entropy) of the transmitter's next token: 1 when it is sure
+    seconds: float
 
 
 class TransmitterClient(CloudClient):
@@ -48,3 +56,14 @@ class TransmitterClient(CloudClient):
         blob = response.content
         payload = decode(blob, self.expect_fingerprint, self.max_bytes)
         return payload, len(blob), time.perf_counter() - start
+
+    def probe(self, text: str) -> Probe:
+        """The transmitter's length of `text` and its certainty of the next token, without any cache crossing."""
+        body = {"model": self.resolve_model(), "text": text}
+        start = time.perf_counter()
+        response = self._run(self._exchange("POST", "/kv/probe", body))
+        self.traffic.bytes_received += response.num_bytes_downloaded
+        if not response.is_success:
+            raise error_from(self.base_url + "/kv/probe", response)
+        answer = response.json()
+        return Probe(int(answer["tokens"]), float(answer["certainty"]), time.perf_counter() - start)

@@ -9,7 +9,7 @@ very text; when it read other text (a redacted or rephrased prompt, in privacy m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -22,6 +22,7 @@ from fedlm.kvcomm.wire import KVPayload
 from fedlm.models import LoadedModel
 
 Send = Callable[[str], KVPayload]  # text -> what one transmitter sends back for it
+Choose = Callable[[str], Collection[str]]  # the text to be sent -> the names of the transmitters to ask for it
 
 
 @dataclass(frozen=True)
@@ -55,23 +56,31 @@ class KVReceiver:
         self.received: dict[str, int] = {}  # transmitter -> payload tokens received, for accounting
 
     @torch.no_grad()
-    def context_cache(self, context_ids: Sequence[int], mask: Mapping[str, bool] | None = None) -> DynamicCache:
-        """The receiver's cache of context[:-1] with the residuals of every transmitter that `mask` lets in.
+    def context_cache(
+        self, context_ids: Sequence[int], mask: Mapping[str, bool] | None = None, choose: Choose | None = None
+    ) -> DynamicCache:
+        """The receiver's cache of context[:-1] with the residuals of every transmitter that `mask` lets in, or
+        that `choose` picks for this context's text (it may probe them first: `kvcomm.select.ValueSelector`).
 
-        Transmitters are asked in parallel, and the receiver prefills while they work. The last context token is
-        left out (and read with the target) so that the first target token is predicted by a query that attends to
-        the fused cache, as in training.
+        Transmitters are asked in parallel, and the receiver prefills while they work (or are probed). The last
+        context token is left out (and read with the target) so that the first target token is predicted by a
+        query that attends to the fused cache, as in training.
         """
         if len(context_ids) < 2:
             raise ValueError("a context needs at least two receiver tokens")
         active = [t for t in self.transmitters if mask is None or mask.get(t.name, False)]
-        text, spans = context_text(self.receiver, context_ids) if active else ("", [])
-        with ThreadPoolExecutor(max_workers=max(len(active), 1)) as pool:
-            # every transmitter works in parallel, and while they do, the receiver reads its own context
-            asked = [pool.submit(t.send, text) for t in active]
+        text, spans = context_text(self.receiver, context_ids) if active or choose else ("", [])
+        with ThreadPoolExecutor(max_workers=max(len(self.transmitters), 1)) as pool:
+            # the transmitters work (or are weighed) in parallel, and meanwhile the receiver reads its own context
+            chosen = pool.submit(choose, text) if choose else None
+            asked = [pool.submit(t.send, text) for t in active] if chosen is None else []
             own = self.receiver.model(
                 input_ids=torch.tensor([list(context_ids[:-1])]), use_cache=True, logits_to_keep=1
             )
+            if chosen is not None:
+                names = set(chosen.result())
+                active = [t for t in self.transmitters if t.name in names]
+                asked = [pool.submit(t.send, text) for t in active]
             payloads = [future.result() for future in asked]
         cache = own.past_key_values
         if not active:

@@ -1,15 +1,21 @@
 """Which transmitters to ask, within a latency and bandwidth budget (QoS-aware selection).
 
 Every transmitter costs time (its link's round trip, its prefill, and its blob over the link's measured speed) and
-bytes, and brings an estimated value (how much its fuser lowered the receiver's held-out loss in training).
-Transmitters are asked in parallel, so a subset's latency is its slowest member's and its bytes are the sum. With
-the handful of transmitters a receiver knows, every subset is tried: the answer is exact.
+bytes, and brings an estimated value. Transmitters are asked in parallel, so a subset's latency is its slowest
+member's and its bytes are the sum. With the handful of transmitters a receiver knows, every subset is tried: the
+answer is exact.
+
+The value is either fixed per transmitter (how much its fuser lowered the receiver's held-out loss in training,
+`fuser_value`) or weighed per question (`ValueSelector`): each transmitter is probed with the text first and
+reports how sure it is of what comes next, which is what it knows about this very question. Devices that each
+learned other facts differ exactly there.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from itertools import combinations
 
 MAX_CANDIDATES = 12  # 4096 subsets: exhaustive search stays instant
@@ -93,3 +99,35 @@ def probe_link(
     tokens, big_bytes, big_s = encode(text)
     extra_bytes, extra_s = max(big_bytes - small_bytes, 1), max(big_s - small_s, floor_s)
     return LinkEstimate(name, value, small_s, extra_bytes / extra_s, big_bytes / max(tokens, 1))
+
+
+Probe = Callable[[str], tuple[int, float]]  # text -> (its length in the transmitter's tokens, the certainty)
+
+
+class ValueSelector:
+    """Per text: probe every transmitter at once, take each one's certainty as its value, and `select` the best set
+    within the budgets, with the costs measured on the links. Every choice is kept (`chosen`) for the record."""
+
+    def __init__(
+        self,
+        links: Sequence[LinkEstimate],
+        probes: Mapping[str, Probe],
+        latency_budget_s: float,
+        byte_budget: float = float("inf"),
+    ) -> None:
+        if {link.name for link in links} != set(probes):
+            raise ValueError("every link needs a probe, and every probe a link")
+        self.links, self.probes = list(links), dict(probes)
+        self.latency_budget_s, self.byte_budget = latency_budget_s, byte_budget
+        self.chosen: list[Selection] = []
+        self.values: list[dict[str, float]] = []
+
+    def __call__(self, text: str) -> Selection:
+        with ThreadPoolExecutor(max_workers=len(self.links) or 1) as pool:
+            probed = dict(zip(self.probes, pool.map(lambda probe: probe(text), self.probes.values()), strict=True))
+        tokens = max((n for n, _ in probed.values()), default=0)
+        weighed = [replace(link, value=probed[link.name][1]) for link in self.links]
+        selection = select(weighed, tokens, self.latency_budget_s, self.byte_budget)
+        self.values.append({name: round(certainty, 4) for name, (_, certainty) in probed.items()})
+        self.chosen.append(selection)
+        return selection

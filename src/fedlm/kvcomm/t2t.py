@@ -9,12 +9,14 @@ so it crosses the same privacy gate as every other cloud request.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fedlm.cloud.client import CloudClient
 
 HINT_TOKENS = 24
+Choose = Callable[[str], Collection[str]]  # a context -> the names of the transmitters to ask for a hint
 
 
 @dataclass(frozen=True)
@@ -51,14 +53,24 @@ class TextTransmitter:
 
 class TextTransmitters:
     """Several text transmitters asked at once, in parallel: their hints joined, one per line (FedRefine's T2T
-    baseline with many devices). The receiver waits for the slowest; the bytes are everyone's."""
+    baseline with many devices). The receiver waits for the slowest; the bytes are everyone's.
 
-    def __init__(self, transmitters: list[TextTransmitter]) -> None:
-        self.transmitters = transmitters
+    With `choose` (names -> transmitters), only those it picks for the context are asked (QoS selection).
+    """
+
+    def __init__(
+        self, transmitters: list[TextTransmitter] | dict[str, TextTransmitter], choose: Choose | None = None
+    ) -> None:
+        self.transmitters = transmitters if isinstance(transmitters, dict) else dict(enumerate(transmitters))
+        self.choose = choose
+        if choose is not None and not all(isinstance(name, str) for name in self.transmitters):
+            raise ValueError("to choose among text transmitters, give them by name")
 
     def hint(self, context: str) -> Hint:
-        with ThreadPoolExecutor(max_workers=max(len(self.transmitters), 1)) as pool:
-            hints = list(pool.map(lambda t: t.hint(context), self.transmitters))
+        names = set(self.choose(context)) if self.choose else set(self.transmitters)
+        chosen = [t for name, t in self.transmitters.items() if name in names]
+        with ThreadPoolExecutor(max_workers=max(len(chosen), 1)) as pool:
+            hints = list(pool.map(lambda t: t.hint(context), chosen))
         return Hint(
             "\n".join(h.text.strip() for h in hints if h.text.strip()),
             max((h.seconds for h in hints), default=0.0),

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from fedlm.data.gsm8k import load_gsm8k
 from fedlm.kvcomm.align import LayerAlign, align_tokens, context_text, encode_with_spans
 from fedlm.kvcomm.fuser import KV, CacheFuser, FuserConfig, add_residuals
+from fedlm.kvcomm.wire import model_fingerprint
 from fedlm.models.chat import chat_prompt_ids
 from fedlm.models.loader import LoadedModel
 
@@ -134,17 +135,17 @@ def fused_loss(fuser: CacheFuser, receiver: LoadedModel, example: Example, prefi
 def evaluate(
     fuser: CacheFuser | None,
     receiver: LoadedModel,
-    transmitter: LoadedModel,
     examples: Sequence[Example],
-    prefills: Callable[[int], Prefill] | None = None,
+    prefills: Callable[[int], Prefill],
 ) -> float:
-    """Mean cross-entropy per response token, fused with hard gates (or the receiver alone when `fuser` is None)."""
+    """Mean cross-entropy per response token, fused with hard gates (or the receiver alone when `fuser` is None);
+    `prefills(i)` is example i's prefill (with the transmitter that read it)."""
     if fuser is not None:
         was_training = fuser.training
         fuser.eval()
     total, count = 0.0, 0
     for i, example in enumerate(examples):
-        prefilled = prefills(i) if prefills else prefill(receiver, transmitter, example)
+        prefilled = prefills(i)
         if fuser is None:
             loss, n = response_loss(receiver, add_residuals(prefilled.receiver_cache, []), example)
         else:
@@ -160,6 +161,16 @@ def freeze(model: LoadedModel) -> None:
     model.model.eval()
 
 
+@dataclass(frozen=True)
+class Taught:
+    """Pairs whose answers one transmitter knows. A fuser trained over several (models of one architecture that
+    each learned other facts) learns to read an answer off any such cache, not off one adapter's."""
+
+    transmitter: LoadedModel
+    train: Sequence[Pair]
+    heldout: Sequence[Pair] = ()
+
+
 def train(
     fuser: CacheFuser,
     receiver: LoadedModel,
@@ -170,7 +181,20 @@ def train(
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
 ) -> LearningCurve:
-    """Fit `fuser` on (context, response) pairs; both LLMs are frozen (and left frozen, in eval mode).
+    """Fit `fuser` on (context, response) pairs read by one transmitter (see `train_many`)."""
+    return train_many(fuser, receiver, [Taught(transmitter, train_pairs, heldout_pairs)], config, on_step, progress)
+
+
+def train_many(
+    fuser: CacheFuser,
+    receiver: LoadedModel,
+    lessons: Sequence[Taught],
+    config: FuserTrainConfig | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> LearningCurve:
+    """Fit `fuser` on every lesson's pairs, each read by its own transmitter; all LLMs are frozen (and left frozen,
+    in eval mode).
 
     The fuser must already sit on the models' device (`fuser.to(receiver.model.device)` on a GPU).
 
@@ -182,28 +206,39 @@ def train(
     config = config or FuserTrainConfig()
     torch.manual_seed(config.seed)
     freeze(receiver)
-    freeze(transmitter)
+    for lesson in lessons:
+        freeze(lesson.transmitter)
     start = time.perf_counter()
-    train_examples = [prepare(receiver, transmitter, p, config.max_response_tokens) for p in train_pairs]
-    heldout = [prepare(receiver, transmitter, p, config.max_response_tokens) for p in heldout_pairs]
 
-    def prefills_of(examples: Sequence[Example], keep: bool) -> Callable[[int], Prefill]:
+    def examples_of(part: str) -> list[tuple[LoadedModel, Example]]:
+        return [
+            (lesson.transmitter, prepare(receiver, lesson.transmitter, pair, config.max_response_tokens))
+            for lesson in lessons
+            for pair in getattr(lesson, part)
+        ]
+
+    train_examples, heldout = examples_of("train"), examples_of("heldout")
+    if not train_examples:
+        raise ValueError("no pairs to train on")
+
+    def prefills_of(examples: Sequence[tuple[LoadedModel, Example]], keep: bool) -> Callable[[int], Prefill]:
         kept: dict[int, Prefill] = {}
 
         def get(i: int) -> Prefill:
             if not keep:
-                return prefill(receiver, transmitter, examples[i])
+                return prefill(receiver, *examples[i])
             if i not in kept:
-                kept[i] = prefill(receiver, transmitter, examples[i])
+                kept[i] = prefill(receiver, *examples[i])
             return kept[i]
 
         return get
 
     # Held-out prefills are always kept: every evaluation reads the same few pairs again.
     train_prefill, heldout_prefill = prefills_of(train_examples, config.cache_prefills), prefills_of(heldout, True)
+    heldout_examples = [example for _, example in heldout]
     curve = LearningCurve()
     if heldout:
-        curve.receiver_alone_loss = evaluate(None, receiver, transmitter, heldout, heldout_prefill)
+        curve.receiver_alone_loss = evaluate(None, receiver, heldout_examples, heldout_prefill)
     optimizer = torch.optim.AdamW(
         [p for p in fuser.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -218,7 +253,7 @@ def train(
             step_loss = 0.0
             for k in range(config.accumulate):
                 i = order[(step * config.accumulate + k) % len(order)]
-                loss, n = fused_loss(fuser, receiver, train_examples[i], train_prefill(i))
+                loss, n = fused_loss(fuser, receiver, train_examples[i][1], train_prefill(i))
                 (loss / n / config.accumulate).backward()
                 step_loss += loss.item() / n / config.accumulate
             torch.nn.utils.clip_grad_norm_(fuser.parameters(), 1.0)
@@ -227,7 +262,7 @@ def train(
             curve.train_loss.append(step_loss)
             if heldout and ((step + 1) % config.eval_every == 0 or step + 1 == config.steps):
                 curve.eval_steps.append(step + 1)
-                curve.eval_loss.append(evaluate(fuser, receiver, transmitter, heldout, heldout_prefill))
+                curve.eval_loss.append(evaluate(fuser, receiver, heldout_examples, heldout_prefill))
                 if config.keep_best and curve.eval_loss[-1] == min(curve.eval_loss):
                     curve.best_step = step + 1
                     best = {k: v.detach().clone() for k, v in fuser.state_dict().items()}
@@ -238,7 +273,7 @@ def train(
     if curve.best_step is not None:
         fuser.load_state_dict(best)
     if heldout:
-        control = evaluate(fuser, receiver, transmitter, heldout, lambda i: zeroed(heldout_prefill(i)))
+        control = evaluate(fuser, receiver, heldout_examples, lambda i: zeroed(heldout_prefill(i)))
         curve.zeroed_transmitter_loss = control
     fuser.eval()
     curve.seconds = time.perf_counter() - start
@@ -246,7 +281,7 @@ def train(
 
 
 class PairSetupError(ValueError):
-    """A setting that cannot serve this model pair; `option` names it (`transmitter_layers` or `device`)."""
+    """A setting that cannot serve this model pair; `option` names it (`transmitter_layers`, `device` or `more`)."""
 
     def __init__(self, message: str, option: str) -> None:
         super().__init__(message)
@@ -267,8 +302,12 @@ def train_pair(
     device: str | None = None,
     on_step: Callable[[int, float], None] | None = None,
     progress: bool = True,
+    more: Sequence[Taught] = (),
 ) -> tuple[CacheFuser, LearningCurve]:
     """A fuser for receiver <- transmitter, trained on `train_pairs` (both models frozen); not yet saved.
+
+    `more` adds pairs read by other transmitters of the same model (other adapters: weights are not part of a
+    fuser's fingerprint), so the fuser learns what any of them carries, not one adapter's quirks.
 
     The fuser reads only `transmitter_layers` (default: all; only these then cross the wire). With `device`, both
     models and the fuser move there first. Its config keeps the provenance: the `data` it learned, the pair counts,
@@ -289,12 +328,17 @@ def train_pair(
             transmitter.model.to(device)
         except (RuntimeError, ValueError) as err:
             raise PairSetupError(f"cannot use device {device!r}: {err}", "device") from err
+    for lesson in more:
+        if model_fingerprint(lesson.transmitter) != config.transmitter_fingerprint:
+            raise PairSetupError(f"{lesson.transmitter.name} is not a {transmitter.name} model", "more")
     fuser = CacheFuser(config).to(device) if device is not None else CacheFuser(config)
-    curve = train(fuser, receiver, transmitter, train_pairs, heldout_pairs, schedule, on_step, progress)
+    lessons = [Taught(transmitter, train_pairs, heldout_pairs), *more]
+    curve = train_many(fuser, receiver, lessons, schedule, on_step, progress)
     fuser.config.extra = {
         "data": data,
-        "train_pairs": len(train_pairs),
-        "heldout_pairs": len(heldout_pairs),
+        "transmitters": len(lessons),
+        "train_pairs": sum(len(lesson.train) for lesson in lessons),
+        "heldout_pairs": sum(len(lesson.heldout) for lesson in lessons),
         "schedule": schedule.__dict__,
         "curve": curve.__dict__,
         "parameters": sum(p.numel() for p in fuser.parameters()),

@@ -123,6 +123,9 @@ class KVPayload:
     kv_heads: list[int]
     head_dims: list[int]
     vocab_size: int
+    # exp(-entropy) of the sender's next token after the text (1: sure; 1/n: spread over n tokens). Known where the
+    # cache was captured, never sent on the wire: a transmitter reports it on its own (`/v1/kv/probe`).
+    certainty: float | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -208,7 +211,7 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
             layer.activate_past_recording()
     # Only the cache is wanted: `logits_to_keep=1` skips the vocabulary projection (262k wide for Gemma) elsewhere.
     ids = torch.tensor([token_ids], device=model.device)
-    model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    logits = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[0, -1]
     keys = [layer.keys[0].detach().cpu() for layer in cache.layers]
     values = [layer.values[0].detach().cpu() for layer in cache.layers]
     return KVPayload(
@@ -225,7 +228,14 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
         kv_heads=[k.shape[0] for k in keys],
         head_dims=[k.shape[-1] for k in keys],
         vocab_size=len(loaded.tokenizer),
+        certainty=certainty(logits),
     )
+
+
+def certainty(logits: torch.Tensor) -> float:
+    """exp(-entropy) of a next-token distribution: a device's own sense of whether it knows what comes next."""
+    logprobs = logits.float().log_softmax(-1)
+    return float((logprobs.exp() * logprobs).sum().exp())
 
 
 # ---- quantisation: per channel (kv head x head dim), over the tokens ------------------------------------------
