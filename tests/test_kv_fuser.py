@@ -301,6 +301,7 @@ def test_train_pair_reads_only_the_chosen_layers_and_keeps_its_provenance(receiv
     assert set(fuser.layers) == {str(r) for r, t in enumerate(every) if t == 2}
     assert fuser.config.extra == {
         "data": "tiny",
+        "transmitters": 1,
         "train_pairs": 3,
         "heldout_pairs": 1,
         "schedule": schedule.__dict__,
@@ -308,6 +309,9 @@ def test_train_pair_reads_only_the_chosen_layers_and_keeps_its_provenance(receiv
         "parameters": sum(p.numel() for p in fuser.parameters()),
     }
     assert len(curve.train_loss) == 2 and curve.eval_steps == [1, 2] and not fuser.training
+    with pytest.raises(PairSetupError, match="is not a tiny-transmitter model") as stranger:
+        train_pair(receiver, transmitter, PAIRS, (), schedule, data="tiny", more=[Taught(receiver, PAIRS)])
+    assert stranger.value.option == "more"
     with pytest.raises(PairSetupError, match=r"tiny-transmitter has 3 layers; no layer \[3\]") as bad_layer:
         train_pair(receiver, transmitter, PAIRS, (), schedule, data="tiny", transmitter_layers=[1, 3])
     assert bad_layer.value.option == "transmitter_layers"
