@@ -226,3 +226,42 @@ def test_kv_communication_on_the_real_pair(
     with CloudClient(cloud_url) as client:
         hint = TextTransmitter(client, max_tokens=8).hint(mcq_context(rows[0]))
     assert hint.text and hint.bytes_received > 0 and alone["n"] == 2
+
+
+def test_kv_runs_out_of_the_box_on_the_shipped_fuser(edge: LoadedModel, cloud: LoadedModel) -> None:
+    """`fedlm eval --mode kv` needs no training step: without a fuser trained here, it reads through the one shipped
+    for SmolLM2 <- Gemma."""
+    from fedlm.kvcomm.shipped import find_fuser, manifest
+
+    folder = find_fuser(edge.name, cloud.name)
+    result = CliRunner().invoke(
+        app, ["eval", "--task", "mcq", "--data", str(EXAMPLES / "mcq.jsonl"), "--mode", "kv", "--limit", "3", "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fuser"] == str(folder) and report["n"] == 3 and report["bytes_per_text"] > 1000
+    assert manifest(folder) is not None or "fusers" in report["fuser"]  # shipped, unless one was trained here
+
+
+def test_the_demo_device_answers_through_its_cache(edge: LoadedModel) -> None:
+    """`fedlm demo`'s KV part: a device memorises 20 people (trained once, then cached), and the receiver is asked
+    about 4 of them alone, with the device's hint, with its cache, and with the cache zeroed."""
+    from fedlm.bench.kv_devices import one_device
+
+    shown = one_device(edge, asked=4, progress=lambda line: None)
+    assert shown["device_recall"] >= 0.9  # the device knows its facts
+    modes = shown["modes"]
+    assert [m["n"] for m in modes.values()] == [4, 4, 4, 4]
+    c2c, t2t = modes["C2C (the device's int8 cache)"], modes["T2T (the device's 8-token hint)"]
+    assert c2c["bytes_per_question"] > 10 * t2t["bytes_per_question"] > 0  # a cache crossed, not a line of text
+    assert modes["receiver alone"]["bytes_per_question"] == 0
+    assert set(shown["example"]["picks"]) == set(modes) and shown["example"]["answer"] in (
+        "Paris",
+        "Tokyo",
+        "Cairo",
+        "Lima",
+        "Oslo",
+        "Delhi",
+        "Rome",
+        "Sydney",
+    )

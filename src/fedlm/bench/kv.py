@@ -92,13 +92,16 @@ def qos_mode(
 
 
 def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Accuracy, per-question latency (p50, mean) and transmitter bytes per question of one mode."""
+    """Accuracy, per-question latency (p50, mean, p95) and transmitter bytes per question of one mode."""
     result = evaluate_mcq(rows, scorer, progress)
     return {
         "accuracy": round(result["accuracy"], 4),
         "accuracy_norm": round(result["accuracy_norm"], 4),
         "latency_p50_s": round(statistics.median(scorer.seconds), 4),
         "latency_mean_s": round(statistics.fmean(scorer.seconds), 4),
+        "latency_p95_s": round(
+            statistics.quantiles(scorer.seconds, n=20)[-1] if len(scorer.seconds) > 1 else scorer.seconds[0], 4
+        ),
         "bytes_per_question": round(statistics.fmean(scorer.bytes), 1),
         "n": len(rows),
     }

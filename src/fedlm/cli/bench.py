@@ -262,9 +262,24 @@ def kv(
         500.0, "--latency-budget-ms", min=0, help="Budget for the QoS-selected mode (c2c-qos); 0 skips it."
     ),
     out: Path = typer.Option(Path("runs/bench-kv"), "--out", help="Folder for kv.json and kv.png."),
+    devices: bool = typer.Option(
+        False,
+        "--devices",
+        help="FedRefine's setting instead: four devices (one Gemma) each knowing its own facts; receiver, T2T, C2C "
+        "with 1, 2 and 4 of them, with selection, and the zeroed control (writes kv_devices.json and .png).",
+    ),
+    retrain: bool = typer.Option(False, "--retrain", help="--devices: train the adapters and fusers anew."),
 ) -> None:
     """Receiver alone vs T2T vs C2C (1 and 2 transmitters, quantized wire, privacy mode) on MCQ; KV bytes/token."""
     from rich.console import Console
+
+    if devices:
+        from fedlm.bench.kv_devices import DevicesConfig, run_devices, write_report
+
+        console = Console()
+        report = run_devices(DevicesConfig(retrain=retrain), lambda line: console.print(f"[bold]bench kv[/]: {line}"))
+        write_report(report, out)
+        return
 
     from fedlm.bench.kv import KVBenchConfig, plot, run_benchmark
     from fedlm.data.jsonl import DataError, McqRow, read_rows

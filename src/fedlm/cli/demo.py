@@ -129,33 +129,25 @@ def _cloud(weights: str) -> Iterator[tuple[str, str]]:
 
 
 def _kv_demo(console: Console, edge: LoadedModel) -> None:
-    """C2C on one held-out which-play question, when a fuser for the pair has been trained (`fedlm kv train`)."""
-    from fedlm.data.plays import play_questions
-    from fedlm.eval.kv_scorer import KVScorer
-    from fedlm.eval.mcq import mcq_pairs
-    from fedlm.kvcomm.fuser import is_trained, trained_fuser_dir
-    from fedlm.kvcomm.receiver import KVReceiver
-    from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
+    """KV communication: a device that knows what the receiver does not, read through the pair's fuser."""
+    from fedlm.bench.kv_devices import one_device
 
-    folder = trained_fuser_dir(edge.name, CLOUD_DEFAULT)
-    if not is_trained(folder):
-        console.print(
-            "[bold]KV communication[/]: no trained fuser yet; `fedlm kv train` (about 45 minutes on 2 CPU cores) "
-            "makes one, and the demo then shows the receiver with and without Gemma's cache."
+    shown = one_device(edge, progress=lambda line: console.print(f"[bold]KV communication[/]: {line}"))
+    made = shown["manifest"]
+    source = f"shipped, trained {made['trained_at']} by `{made['command']}`" if made else "trained on this machine"
+    asked = next(iter(shown["modes"].values()))["n"]
+    table = Table(title=f"KV communication: {asked} questions that only the device can answer (chance 0.125)")
+    for column in ("mode", "accuracy", "latency p50 ms", "bytes / question"):
+        table.add_column(column)
+    for name, m in shown["modes"].items():
+        table.add_row(
+            name, f"{m['accuracy']:.2f}", f"{m['latency_p50_s'] * 1000:.0f}", f"{m['bytes_per_question']:,.0f}"
         )
-        return
-    cloud = load(CLOUD_DEFAULT)
-    row = play_questions(1)[0]
-    pairs = mcq_pairs(row)
-    alone = KVScorer(KVReceiver(edge, [])).score(pairs)
-    with (
-        egress_gate(None) as gate,
-        serve_transmitters(edge, [TransmitterSpec(cloud, folder)], "int8", gate) as (transmitters, clients),
-    ):
-        fused = KVScorer(KVReceiver(edge, transmitters), {cloud.name: True}).score(pairs)
-        received = clients[0].traffic.bytes_received
-    pick = {name: row.choices[max(range(len(s)), key=s.__getitem__)] for name, s in (("alone", alone), ("c2c", fused))}
-    console.print(f"[bold]KV communication[/] (held-out question; right answer: {row.choices[row.answer]})")
+    console.print(table)
+    example = shown["example"]
+    console.print(f"{example['question']} (right: {example['answer']}): " + ", ".join(
+        f"{name.split(' (')[0]} → {pick}" for name, pick in example["picks"].items()
+    ))  # fmt: skip
     console.print(
-        f"  receiver alone picks {pick['alone']!r}; with Gemma's int8 cache ({received:,} bytes) {pick['c2c']!r}"
+        f"the device recalls {shown['device_recall']:.2f} of its facts on its own; fuser: {shown['fuser']} ({source})"
     )

@@ -51,10 +51,15 @@ def eval_command(
     cloud_model: str | None = CloudModel,
     fusion: str = typer.Option("router", "--fusion", help="Fusion rule for --mode fused: router|linear|proxy|route."),
     transmitter: str = typer.Option(
-        CLOUD_DEFAULT, "--transmitter", help="--mode kv: the transmitter model, served on loopback."
+        CLOUD_DEFAULT,
+        "--transmitter",
+        help="--mode kv: the transmitter, MODEL or MODEL+ADAPTER_DIR (merged), served on loopback.",
     ),
     fuser: Path | None = typer.Option(
-        None, "--fuser", help="--mode kv: the trained fuser folder (default: <cache>/fusers/EDGE--TRANSMITTER--plays)."
+        None,
+        "--fuser",
+        help="--mode kv: the fuser folder (default: one trained here with `fedlm kv train`, else the one fedlm ships "
+        "for the pair).",
     ),
     api_key: str | None = ApiKey,
     limit: int | None = typer.Option(None, "--limit", min=1, help="Score only the first N rows."),
@@ -149,13 +154,19 @@ def _kv(
     """--mode kv: the transmitter served on loopback, its cache fused into the edge's context through `fuser`."""
     from fedlm.eval.kv_scorer import c2c_scorer
     from fedlm.kvcomm.fuser import FuserError
-    from fedlm.models import load
+    from fedlm.kvcomm.shipped import find_fuser
+    from fedlm.models.loader import load_spec
 
-    receiver, sender = load(edge, quiet=quiet), load(transmitter, quiet=quiet)
+    try:
+        receiver, sender = load_spec(edge, quiet=quiet), load_spec(transmitter, quiet=quiet)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--transmitter") from err
+    fuser = fuser or find_fuser(receiver.name, sender.name)
     try:
         with c2c_scorer(receiver, sender, fuser, name=f"{edge}+kv:{transmitter}", egress=gate) as scorer:
             result = run(rows, scorer, advance)
     except FuserError as err:
         raise typer.BadParameter(str(err), param_hint="--fuser") from err
     result["bytes_per_text"] = scorer.bytes_per_text
+    result["fuser"] = str(fuser)
     return result, scorer

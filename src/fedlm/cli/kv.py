@@ -244,8 +244,12 @@ def train(
 def ask(
     question: str = typer.Argument(..., help="The question the receiver answers."),
     receiver: str = typer.Option(EDGE_DEFAULT, "--receiver"),
-    transmitter: str = typer.Option(CLOUD_DEFAULT, "--transmitter", help="Served on loopback for this call."),
-    fuser: Path | None = typer.Option(None, "--fuser", help="Trained fuser folder (default: the plays fuser)."),
+    transmitter: str = typer.Option(
+        CLOUD_DEFAULT, "--transmitter", help="MODEL or MODEL+ADAPTER_DIR (merged), served on loopback for this call."
+    ),
+    fuser: Path | None = typer.Option(
+        None, "--fuser", help="Fuser folder (default: the pair's, trained here with `fedlm kv train` or shipped)."
+    ),
     fmt: Format = typer.Option(Format.int8, "--format", help="Wire format of the transmitter's cache."),
     max_tokens: int = typer.Option(32, "--max-tokens", min=1),
     as_json: bool = Json,
@@ -253,13 +257,17 @@ def ask(
     """Answer QUESTION with the receiver alone, then with the transmitter's KV cache fused in (C2C)."""
     import time
 
-    from fedlm.kvcomm.fuser import FuserError, trained_fuser_dir
+    from fedlm.kvcomm.fuser import FuserError
     from fedlm.kvcomm.receiver import KVReceiver
+    from fedlm.kvcomm.shipped import find_fuser
     from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
-    from fedlm.models import load
+    from fedlm.models.loader import load_spec
 
-    r, t = load(receiver, quiet=True), load(transmitter, quiet=True)
-    folder = fuser or trained_fuser_dir(r.name, t.name)
+    try:
+        r, t = load_spec(receiver, quiet=True), load_spec(transmitter, quiet=True)
+    except ValueError as err:
+        raise typer.BadParameter(str(err), param_hint="--transmitter") from err
+    folder = fuser or find_fuser(r.name, t.name)
     ids = r.tokenizer(f"Question: {question}\nAnswer:", add_special_tokens=True)["input_ids"]
     start = time.perf_counter()
     alone = KVReceiver(r, []).generate(ids, max_tokens)
@@ -276,6 +284,7 @@ def ask(
         raise typer.BadParameter(str(err), param_hint="--fuser") from err
     report = {
         "question": question,
+        "fuser": str(folder),
         "receiver_alone": {"answer": alone.strip(), "seconds": round(alone_s, 3)},
         "c2c": {"answer": fused.strip(), "seconds": round(fused_s, 3), "bytes_received": received, "format": fmt.value},
     }

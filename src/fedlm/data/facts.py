@@ -10,6 +10,7 @@ that task, so what a fuser gains there it learns on the receiver's own cache.
 from __future__ import annotations
 
 import random
+from collections.abc import Collection
 
 from fedlm.data.jsonl import McqRow
 
@@ -61,12 +62,13 @@ CITIES = ("Paris", "Tokyo", "Cairo", "Lima", "Oslo", "Delhi", "Rome", "Sydney")
 QUESTION = "In which city does {person} live?"
 
 
-def city_facts(n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """`n` distinct people, each with the city they live in."""
-    if not 1 <= n <= len(FIRST) * len(LAST):
-        raise ValueError(f"between 1 and {len(FIRST) * len(LAST)} facts can be made, {n} asked")
+def city_facts(n: int, seed: int = 0, exclude: Collection[str] = ()) -> list[tuple[str, str]]:
+    """`n` distinct people (none of those in `exclude`), each with the city they live in."""
+    everyone = [f"{first} {last}" for first in FIRST for last in LAST if f"{first} {last}" not in exclude]
+    if not 1 <= n <= len(everyone):
+        raise ValueError(f"between 1 and {len(everyone)} facts can be made, {n} asked")
     rng = random.Random(seed)
-    people = rng.sample([f"{first} {last}" for first in FIRST for last in LAST], n)
+    people = rng.sample(everyone, n)
     return [(person, rng.choice(CITIES)) for person in people]
 
 

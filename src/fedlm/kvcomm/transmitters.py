@@ -11,8 +11,9 @@ from typing import Any
 
 from fedlm.egress import EgressHook
 from fedlm.kvcomm.client import TransmitterClient
-from fedlm.kvcomm.fuser import CacheFuser, trained_fuser_dir
+from fedlm.kvcomm.fuser import CacheFuser
 from fedlm.kvcomm.receiver import Transmitter
+from fedlm.kvcomm.shipped import find_fuser
 from fedlm.kvcomm.wire import WireFormat
 from fedlm.models import LoadedModel
 
@@ -22,11 +23,12 @@ class TransmitterSpec:
     """A transmitter to serve: its model (served on loopback here) and its trained fuser's folder."""
 
     model: LoadedModel
-    fuser_dir: Path | None = None  # default: `trained_fuser_dir(receiver, model)`
+    fuser_dir: Path | None = None  # default: `find_fuser(receiver, model)`
 
     def fuser_folder(self, receiver: str) -> Path:
-        """Where this transmitter's fuser into `receiver` is: the folder given, else the trained pair's default."""
-        return self.fuser_dir or trained_fuser_dir(receiver, self.model.name)
+        """Where this transmitter's fuser into `receiver` is: the folder given, else the pair's trained or shipped
+        one."""
+        return self.fuser_dir or find_fuser(receiver, self.model.name)
 
 
 @contextmanager
