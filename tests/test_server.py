@@ -130,6 +130,8 @@ def test_chat_stream_is_server_sent_events(http: httpx.Client) -> None:
         ({"model": MODEL, "messages": []}, "messages"),
         ({"model": MODEL, "prompt": "x", "logprobs": -1}, "logprobs"),
         ({"model": MODEL, "prompt": "x", "n": 2}, "n"),
+        ({"model": MODEL, "prompt": "x", "n": True}, "n"),  # Python's True == 1; JSON's true is no number
+        ({"model": MODEL, "prompt": "x", "presence_penalty": False}, "presence_penalty"),  # found by Schemathesis
         ({"model": MODEL, "prompt": "x" * 2000, "max_tokens": 10}, "prompt"),
     ],
 )

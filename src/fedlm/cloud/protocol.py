@@ -43,7 +43,15 @@ def whole_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
+def number_only(value: Any) -> Any:
+    """Python counts true as 1 and false as 0, so a Literal[0] takes false; JSON Schema does not, nor does a request."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
 Count = Annotated[int, Field(ge=0), BeforeValidator(whole_number)]
+Zero = Annotated[Literal[0, 0.0], BeforeValidator(number_only)]
 TopK = Annotated[int, Field(ge=0, le=MAX_TOP_LOGPROBS), BeforeValidator(whole_number)]
 Seed = Annotated[int, BeforeValidator(whole_number)]  # any integer: the generator takes it modulo 2**64
 
@@ -70,13 +78,13 @@ class SamplingFields(Strict):
     max_tokens: Count | None = None
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Literal[1] = 1
+    n: Annotated[Literal[1], BeforeValidator(number_only)] = 1
     stop: NonEmptyText | Annotated[list[NonEmptyText], Field(max_length=MAX_STOP_SEQUENCES)] | None = None
     seed: Seed | None = None
     stream: bool = False
     user: str | None = None
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: Zero = 0.0
+    frequency_penalty: Zero = 0.0
 
     @field_validator("stop")
     @classmethod
