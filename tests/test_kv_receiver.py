@@ -250,7 +250,7 @@ def test_the_value_selector_asks_the_devices_most_sure_of_this_text() -> None:
     sure = {"a": {"x": 0.9, "y": 0.1}, "b": {"x": 0.2, "y": 0.95}, "c": {"x": 0.125, "y": 0.125}}
     probes = {name: (lambda text, name=name: (100, sure[name][text])) for name in "abc"}
     one_cache = ValueSelector(links, probes, latency_budget_s=1.0, byte_budget=150_000)
-    assert one_cache("x").names == ("a",) and one_cache("y").names == ("b",)
+    assert one_cache("x").names == ("a",) and one_cache.names("y") == ("b",)
     assert one_cache.values[1] == {"a": 0.1, "b": 0.95, "c": 0.125}
     assert ValueSelector(links, probes, latency_budget_s=1.0)("x").names == ("a", "b", "c")  # no byte limit
     assert ValueSelector(links, probes, latency_budget_s=0.1)("x").names == ()  # no link is that fast

@@ -195,15 +195,13 @@ def run_devices(config: DevicesConfig, progress: Callable[[str], None] = print) 
         probes = {t.name: probe_of(c) for t, c in zip(served, clients, strict=True)}
         progress(f"C2C and T2T with selection (byte budget {budget:,.0f}: one device's cache)")
         picker = ValueSelector(links, probes, config.latency_budget_s, budget)
-        choose = lambda text: picker(text).names  # noqa: E731
         modes["c2c-select"] = run_mode(
-            questions, KVScorer(KVReceiver(receiver, served), choose=choose, wire_bytes=moved)
+            questions, KVScorer(KVReceiver(receiver, served), choose=picker.names, wire_bytes=moved)
         )
         modes["c2c-select"]["selection"] = selection_record(picker, served, owner)
         hinters = {t.name: TextTransmitter(c, config.hint_tokens) for t, c in zip(served, clouds, strict=True)}
         picker_t2t = ValueSelector(links, probes, config.latency_budget_s, budget)
-        t2t_choose = lambda text: picker_t2t(text).names  # noqa: E731
-        scorer = KVScorer(alone, hint=TextTransmitters(hinters, t2t_choose), wire_bytes=moved)
+        scorer = KVScorer(alone, hint=TextTransmitters(hinters, picker_t2t.names), wire_bytes=moved)
         modes["t2t-select"] = run_mode(questions, scorer)
         modes["t2t-select"]["selection"] = selection_record(picker_t2t, served, owner)
         report["links"] = [asdict(link) for link in links]

@@ -131,3 +131,7 @@ class ValueSelector:
         self.values.append({name: round(certainty, 4) for name, (_, certainty) in probed.items()})
         self.chosen.append(selection)
         return selection
+
+    def names(self, text: str) -> tuple[str, ...]:
+        """The names of the transmitters chosen for `text`: the `choose` of `KVReceiver` and `TextTransmitters`."""
+        return self(text).names
