@@ -3,6 +3,7 @@
 from pathlib import Path
 
 from fedlm.bench.kv_devices import plot_devices, selection_record, summarize
+from fedlm.kvcomm.client import Probe
 from fedlm.kvcomm.receiver import Transmitter
 from fedlm.kvcomm.select import LinkEstimate, ValueSelector
 
@@ -37,7 +38,7 @@ def test_the_selection_record_counts_how_often_the_owner_was_asked() -> None:
     served = [Transmitter(name, None, lambda text: None) for name in ("a", "b")]  # type: ignore[arg-type]
     links = [LinkEstimate(name, 0.0, 0.01, 1e6, 100) for name in ("a", "b")]
     sure = {"q0": {"a": 0.9, "b": 0.1}, "q1": {"a": 0.8, "b": 0.2}, "q2": {"a": 0.1, "b": 0.7}}
-    probes = {name: (lambda text, name=name: (10, sure[text][name])) for name in ("a", "b")}
+    probes = {name: (lambda text, name=name: Probe(10, sure[text][name], 0.0)) for name in ("a", "b")}
     picker = ValueSelector(links, probes, latency_budget_s=1.0, byte_budget=1_500)
     for text in sure:
         picker(text)

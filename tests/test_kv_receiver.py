@@ -12,6 +12,7 @@ from fedlm.data.jsonl import McqRow
 from fedlm.eval.kv_scorer import KVScorer
 from fedlm.eval.mcq import mcq_context
 from fedlm.eval.scorers import LocalScorer
+from fedlm.kvcomm.client import Probe
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter, token_map
 from fedlm.kvcomm.select import LinkEstimate, ValueSelector, select
@@ -248,7 +249,7 @@ def test_the_qos_mode_measures_links_and_runs_with_what_it_chose(
 def test_the_value_selector_asks_the_devices_most_sure_of_this_text() -> None:
     links = [_link(name, 0.0, 0.05, 1_000) for name in "abc"]  # 100 tokens: 0.15 s and 100 KB each
     sure = {"a": {"x": 0.9, "y": 0.1}, "b": {"x": 0.2, "y": 0.95}, "c": {"x": 0.125, "y": 0.125}}
-    probes = {name: (lambda text, name=name: (100, sure[name][text])) for name in "abc"}
+    probes = {name: (lambda text, name=name: Probe(100, sure[name][text], 0.0)) for name in "abc"}
     one_cache = ValueSelector(links, probes, latency_budget_s=1.0, byte_budget=150_000)
     assert one_cache("x").names == ("a",) and one_cache.names("y") == ("b",)
     assert one_cache.values[1] == {"a": 0.1, "b": 0.95, "c": 0.125}

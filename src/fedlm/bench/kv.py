@@ -25,7 +25,7 @@ from fedlm.eval.kv_scorer import KVScorer
 from fedlm.eval.mcq import evaluate_mcq, mcq_context
 from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter
-from fedlm.kvcomm.select import fuser_value, probe_link, select
+from fedlm.kvcomm.select import LinkEstimate, fuser_value, probe_link, select
 from fedlm.kvcomm.t2t import TextTransmitter
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import KVPayload, WireFormat, bytes_per_token, capture
@@ -75,20 +75,31 @@ def qos_mode(
     """Measure every transmitter's link on the first question, choose the subset that fits the budget, and run
     every question with that participation mask."""
     context = mcq_context(rows[0])
+    estimates = measure_links(kv.transmitters, clients, context, lambda t: fuser_value(t.fuser.config.extra))
+    tokens = len(kv.receiver.tokenizer(context)["input_ids"])
+    chosen = select(estimates, tokens, latency_budget_s)
+    result = run_mode(rows, KVScorer(kv, chosen.mask(estimates), wire_bytes=wire_bytes))
+    return {**result, "chosen": list(chosen.names), "links": [asdict(e) for e in estimates]}
+
+
+def measure_links(
+    transmitters: Sequence[Transmitter],
+    clients: Sequence[TransmitterClient],
+    text: str,
+    value: Callable[[Transmitter], float] = lambda transmitter: 0.0,
+) -> list[LinkEstimate]:
+    """Round trip, link speed and bytes per token of every transmitter, from two real requests each (`probe_link`),
+    with `value(transmitter)` as its estimated value."""
 
     def stats(text: str, t: Transmitter, client: TransmitterClient) -> tuple[int, int, float]:
         start, before = time.perf_counter(), client.traffic.bytes_received
         payload = t.send(text)
         return payload.seq_len, client.traffic.bytes_received - before, time.perf_counter() - start
 
-    estimates = [
-        probe_link(t.name, fuser_value(t.fuser.config.extra), lambda text, t=t, c=c: stats(text, t, c), context)
-        for t, c in zip(kv.transmitters, clients, strict=True)
+    return [
+        probe_link(t.name, value(t), lambda text, t=t, c=c: stats(text, t, c), text)
+        for t, c in zip(transmitters, clients, strict=True)
     ]
-    tokens = len(kv.receiver.tokenizer(context)["input_ids"])
-    chosen = select(estimates, tokens, latency_budget_s)
-    result = run_mode(rows, KVScorer(kv, chosen.mask(estimates), wire_bytes=wire_bytes))
-    return {**result, "chosen": list(chosen.names), "links": [asdict(e) for e in estimates]}
 
 
 def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], None] | None = None) -> dict[str, Any]:

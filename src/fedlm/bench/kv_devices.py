@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlm import atomic
-from fedlm.bench.kv import run_mode, zeroed
+from fedlm.bench.kv import measure_links, run_mode, zeroed
 from fedlm.bench.kv_knowledge import memorise
 from fedlm.cloud.client import CloudClient
 from fedlm.cloud.engine import Engine
@@ -51,10 +51,9 @@ from fedlm.data.jsonl import McqRow
 from fedlm.eval.kv_scorer import KVScorer
 from fedlm.eval.mcq import answer_pair, evaluate_mcq, mcq_context, mcq_pairs
 from fedlm.eval.scorers import LocalScorer
-from fedlm.kvcomm.client import TransmitterClient
 from fedlm.kvcomm.fuser import is_trained, trained_fuser_dir
 from fedlm.kvcomm.receiver import KVReceiver, Transmitter
-from fedlm.kvcomm.select import LinkEstimate, ValueSelector, probe_link
+from fedlm.kvcomm.select import ValueSelector
 from fedlm.kvcomm.shipped import find_fuser, manifest, ship_fuser
 from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters
 from fedlm.kvcomm.train import FuserTrainConfig, Taught, train_pair
@@ -192,7 +191,7 @@ def run_devices(config: DevicesConfig, progress: Callable[[str], None] = print) 
         budget = 1.5 * max(
             link.cost(len(receiver.tokenizer(mcq_context(questions[0]))["input_ids"]))[1] for link in links
         )
-        probes = {t.name: probe_of(c) for t, c in zip(served, clients, strict=True)}
+        probes = {t.name: c.probe for t, c in zip(served, clients, strict=True)}
         progress(f"C2C and T2T with selection (byte budget {budget:,.0f}: one device's cache)")
         picker = ValueSelector(links, probes, config.latency_budget_s, budget)
         modes["c2c-select"] = run_mode(
@@ -252,28 +251,6 @@ def one_device(receiver: LoadedModel, asked: int = 10, progress: Callable[[str],
     }
 
 
-def measure_links(served: list[Transmitter], clients: list[TransmitterClient], text: str) -> list[LinkEstimate]:
-    """Round trip, link speed and bytes per token of every device, from two real requests each."""
-
-    def stats(text: str, client: TransmitterClient, transmitter: Transmitter) -> tuple[int, int, float]:
-        start, before = time.perf_counter(), client.traffic.bytes_received
-        payload = transmitter.send(text)
-        return payload.seq_len, client.traffic.bytes_received - before, time.perf_counter() - start
-
-    return [
-        probe_link(t.name, 0.0, lambda text, c=c, t=t: stats(text, c, t), text)
-        for t, c in zip(served, clients, strict=True)
-    ]
-
-
-def probe_of(client: TransmitterClient) -> Callable[[str], tuple[int, float]]:
-    def probe(text: str) -> tuple[int, float]:
-        answer = client.probe(text)
-        return answer.tokens, answer.certainty
-
-    return probe
-
-
 def selection_record(picker: ValueSelector, served: list[Transmitter], owner: list[int]) -> dict[str, Any]:
     """How often the selection asked the device that holds the answer, and how sure owners and others were."""
     names = [t.name for t in served]
@@ -324,18 +301,14 @@ def plot_devices(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['questions']} facts spread over {len(report['devices'])} devices")
     ax.legend(fontsize=7)
     names = list(modes)
-    for ax, key, label in (
-        (axes[1], "latency", "seconds per question"),
-        (axes[2], "bytes_per_question", "bytes per question"),
-    ):
-        if key == "latency":
-            ax.bar(names, [modes[n]["latency_p50_s"] for n in names], label="p50")
-            ax.scatter(names, [modes[n]["latency_p95_s"] for n in names], color="black", marker="_", s=200, label="p95")
-            ax.legend(fontsize=7)
-        else:
-            ax.bar(names, [max(modes[n][key], 1) for n in names], color="#9b4dca")
-            ax.set_yscale("log")
-        ax.set_ylabel(label)
+    latency, size = axes[1], axes[2]
+    latency.bar(names, [modes[n]["latency_p50_s"] for n in names], label="p50")
+    latency.scatter(names, [modes[n]["latency_p95_s"] for n in names], color="black", marker="_", s=200, label="p95")
+    latency.set_ylabel("seconds per question")
+    latency.legend(fontsize=7)
+    size.bar(names, [max(modes[n]["bytes_per_question"], 1) for n in names], color="#9b4dca")
+    size.set(yscale="log", ylabel="bytes per question")
+    for ax in (latency, size):
         ax.tick_params(axis="x", rotation=60, labelsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

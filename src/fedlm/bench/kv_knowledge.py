@@ -38,6 +38,7 @@ from fedlm.kvcomm.receiver import KVReceiver
 from fedlm.kvcomm.t2t import TextTransmitter
 from fedlm.kvcomm.train import FuserTrainConfig, train_pair
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
+from fedlm.kvcomm.wire import certainty
 from fedlm.models import EDGE_DEFAULT, LoadedModel, load
 from fedlm.models.cache import cache_root
 from fedlm.models.loader import with_adapter
@@ -101,7 +102,7 @@ def memorise(
             steps += 1
         model.eval()
         recalled = recall(model, tokenizer, rows, choice_ids)
-        doubt = certainty(model, tokenizer, list(unknown)) if unknown else None
+        doubt = mean_certainty(model, tokenizer, list(unknown)) if unknown else None
         log.append({"steps": steps, "recall": round(recalled, 4), "certainty_on_unknown": doubt})
         print(f"adapter: {steps} steps, recalls {recalled:.3f} of the facts ({time.perf_counter() - start:.0f} s)")
         if recalled > best:
@@ -115,13 +116,12 @@ def memorise(
 
 
 @torch.no_grad()
-def certainty(model, tokenizer, rows: list[McqRow]) -> float:
-    """Mean exp(-entropy) of the next token after each question: 1 when sure, 1/8 when spread over eight cities."""
+def mean_certainty(model, tokenizer, rows: list[McqRow]) -> float:
+    """Mean `wire.certainty` of the next token after each question (what `/v1/kv/probe` would report)."""
     total = 0.0
     for start in range(0, len(rows), 64):
         enc = tokenizer([mcq_context(r) for r in rows[start : start + 64]], return_tensors="pt", padding=True)
-        logprobs = model(**enc).logits[:, -1].float().log_softmax(-1)
-        total += float((logprobs.exp() * logprobs).sum(-1).exp().sum())
+        total += float(certainty(model(**enc).logits[:, -1]).sum())
     return round(total / len(rows), 4)
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from fedlm.egress import EgressHook
 from fedlm.eval.scorers import Pair
-from fedlm.kvcomm.receiver import Choose, KVReceiver
+from fedlm.kvcomm.receiver import KVReceiver
+from fedlm.kvcomm.select import Choose
 from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters, hinted_context
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
 from fedlm.kvcomm.wire import WireFormat

@@ -9,7 +9,7 @@ very text; when it read other text (a redacted or rephrased prompt, in privacy m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -18,11 +18,11 @@ from transformers import DynamicCache
 
 from fedlm.kvcomm.align import Span, align_tokens, context_text
 from fedlm.kvcomm.fuser import CacheFuser, add_residuals
+from fedlm.kvcomm.select import Choose
 from fedlm.kvcomm.wire import KVPayload
 from fedlm.models import LoadedModel
 
 Send = Callable[[str], KVPayload]  # text -> what one transmitter sends back for it
-Choose = Callable[[str], Collection[str]]  # the text to be sent -> the names of the transmitters to ask for it
 
 
 @dataclass(frozen=True)

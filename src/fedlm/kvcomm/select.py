@@ -13,10 +13,12 @@ learned other facts differ exactly there.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from itertools import combinations
+
+from fedlm.kvcomm.client import Probe
 
 MAX_CANDIDATES = 12  # 4096 subsets: exhaustive search stays instant
 
@@ -101,7 +103,8 @@ def probe_link(
     return LinkEstimate(name, value, small_s, extra_bytes / extra_s, big_bytes / max(tokens, 1))
 
 
-Probe = Callable[[str], tuple[int, float]]  # text -> (its length in the transmitter's tokens, the certainty)
+Choose = Callable[[str], Collection[str]]  # the text to be sent -> the names of the transmitters to ask
+Prober = Callable[[str], Probe]  # text -> its length in the transmitter's tokens and the transmitter's certainty
 
 
 class ValueSelector:
@@ -111,7 +114,7 @@ class ValueSelector:
     def __init__(
         self,
         links: Sequence[LinkEstimate],
-        probes: Mapping[str, Probe],
+        probes: Mapping[str, Prober],
         latency_budget_s: float,
         byte_budget: float = float("inf"),
     ) -> None:
@@ -125,13 +128,13 @@ class ValueSelector:
     def __call__(self, text: str) -> Selection:
         with ThreadPoolExecutor(max_workers=len(self.links) or 1) as pool:
             probed = dict(zip(self.probes, pool.map(lambda probe: probe(text), self.probes.values()), strict=True))
-        tokens = max((n for n, _ in probed.values()), default=0)
-        weighed = [replace(link, value=probed[link.name][1]) for link in self.links]
+        tokens = max((p.tokens for p in probed.values()), default=0)
+        weighed = [replace(link, value=probed[link.name].certainty) for link in self.links]
         selection = select(weighed, tokens, self.latency_budget_s, self.byte_budget)
-        self.values.append({name: round(certainty, 4) for name, (_, certainty) in probed.items()})
+        self.values.append({name: round(p.certainty, 4) for name, p in probed.items()})
         self.chosen.append(selection)
         return selection
 
     def names(self, text: str) -> tuple[str, ...]:
-        """The names of the transmitters chosen for `text`: the `choose` of `KVReceiver` and `TextTransmitters`."""
+        """The names of the transmitters chosen for `text`: a `Choose` for `KVReceiver` and `TextTransmitters`."""
         return self(text).names

@@ -9,14 +9,13 @@ so it crosses the same privacy gate as every other cloud request.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fedlm.cloud.client import CloudClient
+from fedlm.kvcomm.select import Choose
 
 HINT_TOKENS = 24
-Choose = Callable[[str], Collection[str]]  # a context -> the names of the transmitters to ask for a hint
 
 
 @dataclass(frozen=True)

@@ -228,14 +228,15 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
         kv_heads=[k.shape[0] for k in keys],
         head_dims=[k.shape[-1] for k in keys],
         vocab_size=len(loaded.tokenizer),
-        certainty=certainty(logits),
+        certainty=float(certainty(logits)),
     )
 
 
-def certainty(logits: torch.Tensor) -> float:
-    """exp(-entropy) of a next-token distribution: a device's own sense of whether it knows what comes next."""
+def certainty(logits: torch.Tensor) -> torch.Tensor:
+    """exp(-entropy) of next-token distributions (over the last dimension): a model's own sense of whether it knows
+    what comes next, 1 when sure and 1/n when spread evenly over n tokens."""
     logprobs = logits.float().log_softmax(-1)
-    return float((logprobs.exp() * logprobs).sum().exp())
+    return (logprobs.exp() * logprobs).sum(-1).exp()
 
 
 # ---- quantisation: per channel (kv head x head dim), over the tokens ------------------------------------------
