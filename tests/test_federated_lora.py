@@ -39,6 +39,15 @@ def test_peft_round_trip_and_adapter_folder(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, expected)
 
 
+def test_wrap_on_chosen_layers_adapts_those_alone():
+    loaded = tiny_loaded()
+    model = lora.wrap(loaded.model, 4, ("q_proj", "v_proj"), layers=[0])
+    try:
+        assert sorted(lora.extract(model)) == ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"]
+    finally:
+        model.unload()
+
+
 def test_profiles_map_budgets_to_ranks_and_modules():
     plans = {name: plan_for(profile) for name, profile in BUDGETS.items()}
     assert [plans[n].rank for n in ("low", "mid", "high")] == [2, 8, 32]

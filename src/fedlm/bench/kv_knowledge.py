@@ -66,26 +66,28 @@ def memorise(
     edge: LoadedModel,
     rows: list[McqRow],
     folder: Path,
-    target: float,
+    target: float | None,
     max_steps: int,
     unknown: Sequence[McqRow] = (),
     lr: float = 3e-3,
+    layers: Sequence[int] | None = None,
 ) -> dict:
-    """Fit a rank-16 LoRA until it recalls `target` of the facts (cross-entropy on the answer token only). It ends
-    on the weights that recalled the most: on 80 facts, Gemma's recall reached 0.725 and then fell to 0.15.
+    """Fit a rank-16 LoRA until it recalls `target` of the facts, or for `max_steps` when `target` is None
+    (cross-entropy on the answer token only). It ends on the weights that recalled the most: on 80 facts, Gemma's
+    recall reached 0.725 and then fell to 0.15. `layers` keeps the adapter to those decoder layers (all when None).
 
     `unknown` are questions about people the device does not know. Each step also pulls the answer to those
     towards an even spread over the choices, so the adapter's own certainty says what it knows: trained on its
     facts alone, a device answered others' questions with a mean top probability of 0.9 (1.0 on its own).
     """
-    model = wrap(edge.model, 16, TARGETS)
+    model = wrap(edge.model, 16, TARGETS, layers)
     tokenizer, side = edge.tokenizer, edge.tokenizer.padding_side
     tokenizer.padding_side = "left"  # every row's last position is its own "Answer:"
     choice_ids = torch.tensor([answer_token(edge, rows[0], i) for i in range(len(rows[0].choices))])
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     rng, start, steps, recalled = random.Random(0), time.perf_counter(), 0, 0.0
     best, best_state, log = -1.0, None, []
-    while steps < max_steps and best < target:
+    while steps < max_steps and (target is None or best < target):
         model.train()
         for _ in range(50):
             batch = rng.sample(rows, min(16, len(rows)))

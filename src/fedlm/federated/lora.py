@@ -7,6 +7,7 @@ Every adapter here uses `lora_alpha == r`, so PEFT's scaling alpha/r is 1 and th
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,14 +72,16 @@ def from_arrays(flat: dict[str, np.ndarray]) -> LoraState:
     return {name: LoraPair(flat[f"{name}.lora_A"], flat[f"{name}.lora_B"]) for name in names}
 
 
-def lora_config(rank: int, targets: tuple[str, ...], base: str | None = None):
-    """A PEFT LoraConfig with alpha = rank (scaling 1) and no dropout, so local training is deterministic."""
+def lora_config(rank: int, targets: tuple[str, ...], base: str | None = None, layers: Sequence[int] | None = None):
+    """A PEFT LoraConfig with alpha = rank (scaling 1) and no dropout, so local training is deterministic.
+    `layers` limits the adapter to those decoder layers (all when None)."""
     from peft import LoraConfig
 
     return LoraConfig(
         r=rank,
         lora_alpha=rank,
         target_modules=list(targets),
+        layers_to_transform=None if layers is None else list(layers),
         lora_dropout=0.0,
         bias="none",
         task_type="CAUSAL_LM",
@@ -86,11 +89,11 @@ def lora_config(rank: int, targets: tuple[str, ...], base: str | None = None):
     )
 
 
-def wrap(model: torch.nn.Module, rank: int, targets: tuple[str, ...]):
-    """Inject a fresh LoRA adapter of `rank` into `model` (in place) and return the PEFT model."""
+def wrap(model: torch.nn.Module, rank: int, targets: tuple[str, ...], layers: Sequence[int] | None = None):
+    """Inject a fresh LoRA adapter of `rank` into `model` (in place, on `layers` or all) and return the PEFT model."""
     from peft import get_peft_model
 
-    return get_peft_model(model, lora_config(rank, targets))
+    return get_peft_model(model, lora_config(rank, targets, layers=layers))
 
 
 def extract(peft_model) -> LoraState:
