@@ -17,7 +17,7 @@ MODES = {
     **{f"t2t-{k}": _mode(0.3, 1.0 + k / 10, 500 * k) for k in (1, 2, 4)},
     **{f"c2c-{k}": _mode(a, 0.5, 300_000 * k) for k, a in ((1, 0.3), (2, 0.4), (4, 0.6))},
     "c2c-zeroed-4": _mode(0.15, 0.5, 0),
-    "c2c-select": _mode(0.8, 0.4, 300_000),
+    "c2c-select": {**_mode(0.75, 0.4, 300_000), "right": [True, False, True, True] * 2},
     "t2t-select": _mode(0.7, 0.8, 500),
 }
 
@@ -29,7 +29,8 @@ def test_the_summary_states_each_target_as_measured() -> None:
         "points_over_t2t": 30.0,
         "latency_over_t2t": 0.357,
     }
-    assert summary["c2c-select_vs_t2t-select"]["points_over_t2t"] == 10.0
+    assert summary["c2c-select_vs_t2t-select"]["points_over_t2t"] == 5.0
+    assert summary["by_owner"] == {"c2c-select": [1.0, 0.0, 1.0, 1.0]}  # device i owns questions i, i+4
     assert summary["zeroed_minus_receiver_points"] == -5.0
     assert summary["c2c_by_devices"] == [0.3, 0.4, 0.6] and summary["t2t_by_devices"] == [0.3, 0.3, 0.3]
 

@@ -1,6 +1,7 @@
 """The receiving side of KV communication on tiny models: fusion of several transmitters, masks, QoS selection,
 the T2T baseline, and one scorer for every mode."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from fedlm.eval.mcq import mcq_context
 from fedlm.eval.scorers import LocalScorer
 from fedlm.kvcomm.client import Probe
 from fedlm.kvcomm.fuser import CacheFuser, FuserConfig
-from fedlm.kvcomm.receiver import KVReceiver, Transmitter, token_map
+from fedlm.kvcomm.receiver import KVReceiver, Transmitter, certainty_weights, token_map
 from fedlm.kvcomm.select import LinkEstimate, ValueSelector, select
 from fedlm.kvcomm.t2t import TextTransmitter, TextTransmitters, hinted_context
 from fedlm.kvcomm.transmitters import TransmitterSpec, serve_transmitters
@@ -74,6 +75,29 @@ def test_transmitters_add_up_and_the_mask_leaves_them_out(tiny_llama: LoadedMode
     masked = KVScorer(receiver, {"a": False, "b": False}).score(PAIRS)
     assert masked == pytest.approx(KVScorer(KVReceiver(tiny_llama, [])).score(PAIRS), abs=1e-6)
     assert KVScorer(receiver, {"a": True}).score(PAIRS) != pytest.approx(masked, abs=1e-4)
+
+
+def test_the_surest_transmitter_speaks_loudest(tiny_llama: LoadedModel, tiny_gemma: LoadedModel) -> None:
+    """Two transmitters: each residual is weighed by its sender's certainty over the surest one's."""
+
+    def stating(certainty: float):
+        return lambda text: replace(capture(tiny_gemma, text), certainty=certainty)
+
+    sure = Transmitter("sure", _fuser(tiny_llama, tiny_gemma, 1), stating(0.8))
+    unsure = Transmitter("unsure", _fuser(tiny_llama, tiny_gemma, 2), stating(0.2))
+    receiver = KVReceiver(tiny_llama, [sure, unsure])
+    ids = tiny_llama.tokenizer(PAIRS[0][0], add_special_tokens=True)["input_ids"]
+    masks = {"": {}, "sure": {"sure": True}, "unsure": {"unsure": True}, "both": {"sure": True, "unsure": True}}
+    caches = {key: receiver.context_cache(ids, mask) for key, mask in masks.items()}
+    for layer in range(len(caches[""].layers)):
+        base = caches[""].layers[layer].values
+        own = {key: caches[key].layers[layer].values - base for key in ("sure", "unsure")}  # each alone: weight 1
+        expected = base + own["sure"] + 0.25 * own["unsure"]
+        torch.testing.assert_close(caches["both"].layers[layer].values, expected, atol=1e-5, rtol=0)
+    assert certainty_weights([capture(tiny_gemma, "a b"), replace(capture(tiny_gemma, "a b"), certainty=None)]) == [
+        1.0,
+        1.0,
+    ]  # a sender that states no certainty: plain sums, as before
 
 
 def test_tokens_pair_by_relative_position_when_the_transmitter_read_other_text(tiny_gemma: LoadedModel) -> None:

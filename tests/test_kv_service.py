@@ -179,7 +179,7 @@ def test_a_probe_reports_the_certainty_and_the_cache_that_follows_is_the_same_re
         assert client.traffic.bytes_received > 0 and client.traffic.bytes_sent > 0
         payload, _, _ = client.encode(TEXT)  # served from the probe's read
     torch.testing.assert_close(payload.keys[0], local.keys[0], atol=2e-3, rtol=1e-2)  # fp16 on the wire
-    assert payload.certainty is None  # never on the wire: a probe reports it
+    assert payload.certainty == pytest.approx(local.certainty, abs=1e-6)  # stated in the blob's header too
     response = httpx.post(
         url + "/kv/probe", json={"model": "tiny-llama", "text": ""}, headers={"Authorization": f"Bearer {KEY}"}
     )

@@ -96,6 +96,7 @@ def test_round_trip_per_format(payload: KVPayload, fmt: str) -> None:
     decoded = decode(encode(payload, fmt), expect_fingerprint=payload.fingerprint)
     assert (decoded.model, decoded.fingerprint, decoded.text) == (payload.model, payload.fingerprint, payload.text)
     assert (decoded.token_ids, decoded.spans, decoded.layers) == (payload.token_ids, payload.spans, payload.layers)
+    assert decoded.certainty == payload.certainty is not None  # the sender's certainty travels in the header
     assert (decoded.sliding_window, decoded.kv_heads, decoded.head_dims) == (
         payload.sliding_window,
         payload.kv_heads,

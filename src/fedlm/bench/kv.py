@@ -115,6 +115,7 @@ def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], Non
         ),
         "bytes_per_question": round(statistics.fmean(scorer.bytes), 1),
         "n": len(rows),
+        "right": result["right"],
     }
 
 

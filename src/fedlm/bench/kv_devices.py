@@ -284,6 +284,11 @@ def summarize(modes: dict[str, Any]) -> dict[str, Any]:
         }
     out["zeroed_minus_receiver_points"] = round(100 * (modes["c2c-zeroed-4"]["accuracy"] - receiver), 1)
     out["c2c_by_devices"] = [modes[f"c2c-{k}"]["accuracy"] for k in (1, 2, 4)]
+    out["by_owner"] = {  # each mode's accuracy on each device's own questions (device i owns i, i+4, ...)
+        mode: [round(statistics.fmean(result["right"][i :: len(DEVICES)]), 4) for i in range(len(DEVICES))]
+        for mode, result in modes.items()
+        if "right" in result
+    }
     out["t2t_by_devices"] = [modes[f"t2t-{k}"]["accuracy"] for k in (1, 2, 4)]
     return out
 
@@ -338,18 +343,24 @@ def main() -> None:
     report = run_devices(config)
     write_report(report, args.out)
     if args.ship:
-        command = "fedlm bench kv --devices" + "".join(
-            f" --{k.replace('_', '-')} {v}" for k, v in asdict(config).items() if v != getattr(defaults, k)
-        )
-        figures = {
-            "setting": "city facts on 4 devices, none seen by the fuser (fedlm.bench.kv_devices)",
-            "questions": report["questions"],
-            "accuracy": {mode: result["accuracy"] for mode, result in report["modes"].items()},
-            "summary": report["summary"],
-        }
-        for model, folder in report["fusers"].items():
-            shipped = ship_fuser(Path(folder), args.ship, EDGE_DEFAULT, model, command, figures)
-            print(f"shipped the fuser for {model} to {shipped}")
+        ship_fusers(report, config, args.ship)
+
+
+def ship_fusers(report: dict[str, Any], config: DevicesConfig, root: Path) -> None:
+    """Export the run's fusers into `root` with a manifest that gives the figures this run measured with them."""
+    defaults = DevicesConfig()
+    command = "fedlm bench kv --devices" + "".join(
+        f" --{k.replace('_', '-')} {v}" for k, v in asdict(config).items() if v != getattr(defaults, k)
+    )
+    figures = {
+        "setting": "city facts on 4 devices, none seen by the fuser (fedlm.bench.kv_devices)",
+        "questions": report["questions"],
+        "accuracy": {mode: result["accuracy"] for mode, result in report["modes"].items()},
+        "summary": report["summary"],
+    }
+    for model, folder in report["fusers"].items():
+        shipped = ship_fuser(Path(folder), root, EDGE_DEFAULT, model, command, figures)
+        print(f"shipped the fuser for {model} to {shipped}")
 
 
 def write_report(report: dict[str, Any], out: Path) -> None:

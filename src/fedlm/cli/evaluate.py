@@ -129,6 +129,7 @@ def eval_command(
                     result["fused_token_share"] = scorer.fused_token_share
     except UnknownModelError as err:
         raise typer.BadParameter(str(err), param_hint="--edge/--cloud-model") from err
+    result.pop("right", None)  # per-row marks: the library's, for subsets; the command reports the whole
     report = {"task": task.value, "mode": mode.value, "model": scorer.name, "data": str(data), **result}
     if as_json:
         typer.echo(json.dumps(report))

@@ -35,17 +35,19 @@ def evaluate_mcq(rows: list[McqRow], scorer: Scorer, progress: Callable[[int], N
     start = time.perf_counter()
     scores = scorer.score(pairs, progress)
     seconds = time.perf_counter() - start
-    correct = correct_norm = 0
+    right: list[bool] = []
+    correct_norm = 0
     at = 0
     for row in rows:
         own = scores[at : at + len(row.choices)]
         at += len(row.choices)
         per_byte = [s / len(f" {c}".encode()) for s, c in zip(own, row.choices, strict=True)]
-        correct += int(max(range(len(own)), key=own.__getitem__) == row.answer)
+        right.append(max(range(len(own)), key=own.__getitem__) == row.answer)
         correct_norm += int(max(range(len(own)), key=per_byte.__getitem__) == row.answer)
     return {
         "n": len(rows),
-        "accuracy": correct / len(rows),
+        "accuracy": sum(right) / len(rows),
+        "right": right,  # per row, in order: for accuracy over any subset
         "accuracy_norm": correct_norm / len(rows),
         **timing(seconds, len(rows), len(pairs)),
     }

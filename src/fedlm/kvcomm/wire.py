@@ -32,7 +32,8 @@ from fedlm.models.token_bytes import token_bytes_table, token_starts
 
 WireFormat = Literal["fp16", "int8", "int4"]
 FORMATS: tuple[str, ...] = get_args(WireFormat)
-FORMAT_VERSION = 2  # 2: the header states the vocabulary size, and every token id is checked against it
+FORMAT_VERSION = 3  # 2: the header states the vocabulary size, and every token id is checked against it
+# 3: the header may state the sender's certainty of its next token
 MAGIC = b"FLKV"
 DEFAULT_MAX_BYTES = 128 * 2**20  # about 7k tokens of Gemma-3-270M in fp16
 MAX_LAYERS = 1024
@@ -72,6 +73,7 @@ class WireHeader(_Frozen):
     token_ids: list[int] = Field(min_length=1)
     spans: list[tuple[int, int]]  # each token's [start, end) characters in `text`
     vocab_size: int = Field(ge=1)  # the transmitter's tokenizer: every token id lies below it
+    certainty: float | None = Field(default=None, ge=0, le=1)  # exp(-entropy) of the sender's next token
 
     @model_validator(mode="after")
     def _consistent(self) -> WireHeader:
@@ -123,8 +125,8 @@ class KVPayload:
     kv_heads: list[int]
     head_dims: list[int]
     vocab_size: int
-    # exp(-entropy) of the sender's next token after the text (1: sure; 1/n: spread over n tokens). Known where the
-    # cache was captured, never sent on the wire: a transmitter reports it on its own (`/v1/kv/probe`).
+    # exp(-entropy) of the sender's next token after the text (1: sure; 1/n: spread over n tokens): what the
+    # sender's own model says of whether it knows what comes next (`/v1/kv/probe` reports it without the cache).
     certainty: float | None = None
 
     def __post_init__(self) -> None:
@@ -228,7 +230,7 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
         kv_heads=[k.shape[0] for k in keys],
         head_dims=[k.shape[-1] for k in keys],
         vocab_size=len(loaded.tokenizer),
-        certainty=float(certainty(logits)),
+        certainty=min(float(certainty(logits)), 1.0),  # exp(-entropy) may round past 1
     )
 
 
@@ -309,6 +311,7 @@ def encode(
         token_ids=list(payload.token_ids),
         spans=[tuple(s) for s in payload.spans],
         vocab_size=payload.vocab_size,
+        certainty=payload.certainty,
     )
     tensors: dict[str, torch.Tensor] = {}
     for layer in keep:
@@ -419,6 +422,7 @@ def decode(blob: bytes, expect_fingerprint: str | None = None, max_bytes: int = 
         kv_heads=[entry.kv_heads for entry in header.layout],
         head_dims=[entry.head_dim for entry in header.layout],
         vocab_size=header.vocab_size,
+        certainty=header.certainty,
     )
 
 
