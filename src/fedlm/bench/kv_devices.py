@@ -10,7 +10,8 @@ It is asked about every device fact, spread evenly over the devices, with 1, 2 a
 device among the first two), in every mode, on the same questions:
 - receiver alone;
 - T2T: each device writes a short hint, and the receiver reads them all before the question;
-- C2C: each device sends its cache of the question, and the receiver fuses them all into its own;
+- C2C: each device sends its cache of the question, and the receiver fuses them all into its own, each weighed
+  by its sender's certainty over the surest sender's;
 - C2C zeroed: the same fusers fed all-zero caches (the control: what the fusers do without any transmitter);
 - C2C and T2T with selection: every device is probed first, and the receiver asks the one it values most within
   a byte budget of one cache (QoS selection, `kvcomm.select.ValueSelector`).
@@ -218,7 +219,7 @@ def run_devices(config: DevicesConfig, progress: Callable[[str], None] = print) 
 
 def one_device(receiver: LoadedModel, asked: int = 10, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """KV communication at its smallest, for `fedlm demo`: one device that memorised 20 people's cities (trained
-    here in about a minute, then kept), the pair's fuser (shipped, unless one was trained here; it never saw these
+    here in two to three minutes, then kept), the pair's fuser (shipped, unless one was trained here; it never saw these
     people), and the receiver asked about `asked` of them: alone, T2T, C2C over int8, and C2C zeroed."""
     config = DevicesConfig()
     benchmark = city_facts(len(DEVICES) * config.per_device + config.pool_adapters * config.pool_facts, seed=1)
