@@ -54,6 +54,20 @@ def test_the_receiver_alone_scores_as_fedlm_eval_does(tiny_llama: LoadedModel) -
     assert ours == pytest.approx(LocalScorer(tiny_llama).score(PAIRS), abs=1e-4)
 
 
+def test_targets_read_together_score_as_each_read_alone(tiny_llama: LoadedModel) -> None:
+    """One padded batch over the repeated cache gives every target what a pass of its own gives, the cache is left
+    as it was, and an empty target scores 0."""
+    receiver = KVReceiver(tiny_llama, [])
+    ids = tiny_llama.tokenizer(PAIRS[0][0], add_special_tokens=True)["input_ids"]
+    cache = receiver.context_cache(ids)
+    length = cache.get_seq_length()
+    targets = [[5, 9, 13, 2], [7], [], [11, 3]]
+    together = receiver.target_logprobs(cache, ids[-1], targets)
+    alone = [receiver.target_logprobs(cache, ids[-1], [t])[0] for t in targets]
+    assert together == pytest.approx(alone, abs=1e-4) and together[2] == 0.0 and together[0] < together[1] < 0
+    assert cache.get_seq_length() == length and cache.layers[0].keys.shape[0] == 1
+
+
 def test_transmitters_add_up_and_the_mask_leaves_them_out(tiny_llama: LoadedModel, tiny_gemma: LoadedModel) -> None:
     a = _transmitter("a", _fuser(tiny_llama, tiny_gemma, 1), tiny_gemma)
     b = _transmitter("b", _fuser(tiny_llama, tiny_gemma, 2), tiny_gemma)

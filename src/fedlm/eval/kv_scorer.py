@@ -70,10 +70,8 @@ class KVScorer:
             context, hint_bytes = hinted_context(context, hint.text), hint.bytes_sent + hint.bytes_received
         ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
         cache = self.receiver.context_cache(ids, self.mask, self.choose)
-        scores = [
-            self.receiver.target_logprob(cache, ids[-1], self.tokenizer(t, add_special_tokens=False)["input_ids"])
-            for t in targets
-        ]
+        target_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
+        scores = self.receiver.target_logprobs(cache, ids[-1], target_ids)
         self.seconds.append(time.perf_counter() - start)
         self.bytes.append(self.wire_bytes() - sent + hint_bytes)
         return scores

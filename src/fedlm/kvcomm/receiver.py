@@ -109,12 +109,23 @@ class KVReceiver:
         return add_residuals(cache, residuals)
 
     @torch.no_grad()
-    def target_logprob(self, cache: DynamicCache, last_context_id: int, target_ids: Sequence[int]) -> float:
-        """Summed log-probability of `target_ids` after the context whose cache (minus its last token) is given."""
-        inputs = torch.tensor([[last_context_id, *target_ids[:-1]]])
-        logits = self.receiver.model(input_ids=inputs, past_key_values=add_residuals(cache, []), use_cache=True).logits
-        logprobs = logits[0].float().log_softmax(-1)
-        return float(logprobs[torch.arange(len(target_ids)), torch.tensor(target_ids)].sum())
+    def target_logprobs(
+        self, cache: DynamicCache, last_context_id: int, targets: Sequence[Sequence[int]]
+    ) -> list[float]:
+        """Summed log-probability of each target's ids after the context whose cache (minus its last token) is
+        given. All targets are read in one forward pass over the cache repeated once per target: each row is padded
+        on the right, and a causal model's earlier positions never see what follows them."""
+        rows = [[last_context_id, *ids[:-1]] for ids in targets]
+        width = max(len(row) for row in rows)
+        inputs = torch.tensor([row + [last_context_id] * (width - len(row)) for row in rows])
+        batch = add_residuals(cache, [])
+        batch.batch_repeat_interleave(len(targets))
+        logprobs = self.receiver.model(input_ids=inputs, past_key_values=batch, use_cache=True).logits.float()
+        logprobs = logprobs.log_softmax(-1)
+        return [
+            float(logprobs[row, torch.arange(len(ids)), torch.tensor(ids, dtype=torch.long)].sum())
+            for row, ids in enumerate(targets)
+        ]
 
     @torch.no_grad()
     def generate(self, context_ids: Sequence[int], max_tokens: int, mask: Mapping[str, bool] | None = None) -> str:
