@@ -10,14 +10,14 @@ very text; when it read other text (a redacted or rephrased prompt, in privacy m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache
 
 from fedlm.kvcomm.align import Span, align_tokens, context_text
-from fedlm.kvcomm.fuser import CacheFuser, Residuals, add_residuals
+from fedlm.kvcomm.fuser import CacheFuser, add_residuals
 from fedlm.kvcomm.select import Choose
 from fedlm.kvcomm.wire import KVPayload
 from fedlm.models import LoadedModel
@@ -76,8 +76,7 @@ class KVReceiver:
         """The receiver's cache of context[:-1] with the residuals of every transmitter that `mask` lets in, or
         that `choose` picks for this context's text (it may probe them first: `kvcomm.select.ValueSelector`).
 
-        Transmitters are asked in parallel, and the receiver prefills while they work (or are probed), then fuses
-        each cache as it arrives; the residuals are weighed (`certainty_weights`) once all are in. The last
+        Transmitters are asked in parallel, and the receiver prefills while they work (or are probed). The last
         context token is left out (and read with the target) so that the first target token is predicted by a
         query that attends to the fused cache, as in training.
         """
@@ -96,29 +95,18 @@ class KVReceiver:
                 names = set(chosen.result())
                 active = [t for t in self.transmitters if t.name in names]
                 asked = [pool.submit(t.send, text) for t in active]
-            cache = own.past_key_values
-            # each payload is fused as it arrives, while the others are still on their way
-            order = {future: i for i, future in enumerate(asked)}
-            arrived: dict[int, tuple[KVPayload, Residuals]] = {}
-            for future in as_completed(asked):
-                i, payload = order[future], future.result()
-                arrived[i] = payload, self._residuals(active[i], payload, text, spans, cache)
+            payloads = [future.result() for future in asked]
+        cache = own.past_key_values
         if not active:
             return cache
-        payloads, fused = zip(*(arrived[i] for i in range(len(active))), strict=True)
-        weights = certainty_weights(payloads)  # known once every sender has stated its certainty
-        return add_residuals(
-            cache, [{r: (w * k, w * v) for r, (k, v) in one.items()} for one, w in zip(fused, weights, strict=True)]
-        )
-
-    def _residuals(
-        self, transmitter: Transmitter, payload: KVPayload, text: str, spans: Sequence[Span], cache: DynamicCache
-    ) -> Residuals:
-        """What one transmitter's fuser adds to the receiver's cache, at full weight."""
-        self.received[transmitter.name] = self.received.get(transmitter.name, 0) + payload.seq_len
-        pairs = token_map(text, spans, payload)[:-1]
-        kv = {layer: payload.kv(layer) for layer in payload.layers}
-        return transmitter.fuser.residuals(cache, kv, pairs, payload.seq_len)
+        residuals = []
+        for transmitter, payload, weight in zip(active, payloads, certainty_weights(payloads), strict=True):
+            self.received[transmitter.name] = self.received.get(transmitter.name, 0) + payload.seq_len
+            pairs = token_map(text, spans, payload)[:-1]
+            kv = {layer: payload.kv(layer) for layer in payload.layers}
+            fused = transmitter.fuser.residuals(cache, kv, pairs, payload.seq_len)
+            residuals.append({r: (weight * k, weight * v) for r, (k, v) in fused.items()})
+        return add_residuals(cache, residuals)
 
     @torch.no_grad()
     def target_logprobs(
