@@ -104,7 +104,7 @@ def adapted(
     if config.retrain or not (folder / "adapter_config.json").is_file():
         fresh = load(model, quiet=True)
         layers = range(round(kv_layout(fresh.model)[0] * config.adapter_depth))
-        log[name] = memorise(fresh, rows, folder, None, config.adapter_steps, unknown, lr, layers)
+        log[name] = memorise(fresh, rows, folder, None, config.adapter_steps, unknown, lr=lr, layers=layers)
     return with_adapter(load(model, quiet=True), folder, merge=True)
 
 
@@ -219,8 +219,8 @@ def run_devices(config: DevicesConfig, progress: Callable[[str], None] = print) 
 
 def one_device(receiver: LoadedModel, asked: int = 10, progress: Callable[[str], None] = print) -> dict[str, Any]:
     """KV communication at its smallest, for `fedlm demo`: one device that memorised 20 people's cities (trained
-    here in two to three minutes, then kept), the pair's fuser (shipped, unless one was trained here; it never saw these
-    people), and the receiver asked about `asked` of them: alone, T2T, C2C over int8, and C2C zeroed."""
+    here in two to three minutes, then kept), the pair's fuser (shipped, unless one was trained here; it never saw
+    these people), and the receiver asked about `asked` of them: alone, T2T, C2C over int8, and C2C zeroed."""
     config = DevicesConfig()
     benchmark = city_facts(len(DEVICES) * config.per_device + config.pool_adapters * config.pool_facts, seed=1)
     rows = fact_questions(city_facts(config.per_device, seed=3, exclude={person for person, _ in benchmark}))

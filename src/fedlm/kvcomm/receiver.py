@@ -58,7 +58,8 @@ def certainty_weights(payloads: Sequence[KVPayload]) -> list[float]:
     stated = [p.certainty for p in payloads if p.certainty is not None]
     if len(payloads) < 2 or len(stated) < len(payloads) or max(stated) <= 0:
         return [1.0] * len(payloads)
-    return [c / max(stated) for c in stated]
+    top = max(stated)
+    return [c / top for c in stated]
 
 
 class KVReceiver:

@@ -230,7 +230,7 @@ def capture(loaded: LoadedModel, text: str, fingerprint: str | None = None) -> K
         kv_heads=[k.shape[0] for k in keys],
         head_dims=[k.shape[-1] for k in keys],
         vocab_size=len(loaded.tokenizer),
-        certainty=min(float(certainty(logits)), 1.0),  # exp(-entropy) may round past 1
+        certainty=float(certainty(logits)),
     )
 
 
@@ -238,7 +238,7 @@ def certainty(logits: torch.Tensor) -> torch.Tensor:
     """exp(-entropy) of next-token distributions (over the last dimension): a model's own sense of whether it knows
     what comes next, 1 when sure and 1/n when spread evenly over n tokens."""
     logprobs = logits.float().log_softmax(-1)
-    return (logprobs.exp() * logprobs).sum(-1).exp()
+    return (logprobs.exp() * logprobs).sum(-1).exp().clamp(max=1.0)  # a sure one may round past 1
 
 
 # ---- quantisation: per channel (kv head x head dim), over the tokens ------------------------------------------
