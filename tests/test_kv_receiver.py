@@ -30,9 +30,7 @@ def _fuser(receiver: LoadedModel, transmitter: LoadedModel, seed: int | None) ->
     fuser = CacheFuser(FuserConfig.for_pair(receiver, transmitter, align="depth", hidden=16))
     if seed is not None:
         torch.manual_seed(seed)
-        for layer in fuser.layers.values():
-            for projector in (layer.key, layer.value):
-                torch.nn.init.normal_(projector.mlp[-1].weight, std=0.5)
+        torch.nn.init.normal_(fuser.projectors.w3, std=0.5)
     return fuser.eval()
 
 
