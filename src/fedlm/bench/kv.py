@@ -103,7 +103,8 @@ def measure_links(
 
 
 def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """Accuracy, per-question latency (p50, mean, p95) and transmitter bytes per question of one mode."""
+    """Accuracy, per-question latency (p50, mean, p95), the p50 time until the context was ready (fused or hinted,
+    before any choice is scored) and transmitter bytes per question of one mode."""
     result = evaluate_mcq(rows, scorer, progress)
     return {
         "accuracy": round(result["accuracy"], 4),
@@ -113,6 +114,7 @@ def run_mode(rows: list[McqRow], scorer: KVScorer, progress: Callable[[int], Non
         "latency_p95_s": round(
             statistics.quantiles(scorer.seconds, n=20)[-1] if len(scorer.seconds) > 1 else scorer.seconds[0], 4
         ),
+        "ready_p50_s": round(statistics.median(scorer.ready_seconds), 4),
         "bytes_per_question": round(statistics.fmean(scorer.bytes), 1),
         "n": len(rows),
         "right": result["right"],

@@ -30,7 +30,7 @@ class KVScorer:
 
     `mask` picks the transmitters whose caches are fused (none: the receiver alone), or `choose` picks them per
     context (QoS selection); `hint` (T2T) puts a transmitter's text in front of the context instead. Per context
-    it records the seconds and the bytes.
+    it records the seconds, the seconds until the (fused or hinted) context was ready, and the bytes.
     """
 
     def __init__(
@@ -46,6 +46,8 @@ class KVScorer:
         self.choose = choose
         self.tokenizer = receiver.receiver.tokenizer
         self.seconds: list[float] = []
+        # until the context's cache was ready: what generating a first token would wait for, scoring aside
+        self.ready_seconds: list[float] = []
         self.bytes: list[int] = []
 
     @property
@@ -70,6 +72,7 @@ class KVScorer:
             context, hint_bytes = hinted_context(context, hint.text), hint.bytes_sent + hint.bytes_received
         ids = self.tokenizer(context, add_special_tokens=True)["input_ids"]
         cache = self.receiver.context_cache(ids, self.mask, self.choose)
+        self.ready_seconds.append(time.perf_counter() - start)
         target_ids = [self.tokenizer(t, add_special_tokens=False)["input_ids"] for t in targets]
         scores = self.receiver.target_logprobs(cache, ids[-1], target_ids)
         self.seconds.append(time.perf_counter() - start)
