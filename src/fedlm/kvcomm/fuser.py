@@ -17,6 +17,7 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -227,9 +228,10 @@ class CacheFuser(nn.Module):
         if transmitter_len is None:
             transmitter_len = max((k.shape[-2] for k, _ in available.values()), default=0)
         dtype = next(self.parameters()).dtype
+        batch = receiver_cache.layers[0].keys.shape[0]
         # Each fused layer's inputs, grouped by how many rows its receiver layer holds (a sliding-window layer may
         # hold fewer than the rest), so that each group's K and V slots run through the projectors together.
-        groups: dict[int, list[tuple[int, int, Tensor, list[Tensor], list[Tensor]]]] = {}
+        groups: dict[int, list[_LayerInputs]] = {}
         for i, r in enumerate(self.fused_layers):
             t = self.config.layer_map[r]
             if t not in available:
@@ -241,22 +243,21 @@ class CacheFuser(nn.Module):
             index = pairs - (transmitter_len - t_keys.shape[-2])  # row of each paired token in this layer
             inside = (index >= 0).to(dtype).view(1, 1, rows, 1)
             index = index.clamp(min=0)
-            own, sent = [layer.keys, layer.values], [t_keys[:, :, index], t_values[:, :, index]]
-            groups.setdefault(rows, []).append((i, r, inside, own, sent))
+            sent = (t_keys[:, :, index], t_values[:, :, index])
+            groups.setdefault(rows, []).append(_LayerInputs(i, r, inside, (layer.keys, layer.values), sent))
         out: Residuals = {}
         every = list(range(2 * len(self.fused_layers)))
         for members in groups.values():
-            slots = [2 * i + kind for i, *_ in members for kind in (0, 1)]  # slot 2i is layer i's K, 2i + 1 its V
+            slots = [2 * m.index + kind for m in members for kind in (0, 1)]  # slot 2i: fused layer i's K; 2i + 1: V
             deltas = self.projectors(
                 None if slots == every else torch.tensor(slots),
-                torch.stack([_token_rows(x.to(dtype)) for *_, own, _ in members for x in own]),
-                torch.stack([_token_rows(x.to(dtype)) for *_, sent in members for x in sent]),
+                torch.stack([_token_rows(x.to(dtype)) for m in members for x in m.own]),
+                torch.stack([_token_rows(x.to(dtype)) for m in members for x in m.sent]),
                 self.temperature,
             )
-            batch = members[0][3][0].shape[0]
-            for j, (_, r, inside, own, _) in enumerate(members):
-                delta_k, delta_v = (_head_rows(d, batch) * inside for d in deltas[2 * j : 2 * j + 2])
-                out[r] = (delta_k.to(own[0].dtype), delta_v.to(own[1].dtype))
+            for j, m in enumerate(members):
+                delta_k, delta_v = (_head_rows(d, batch) * m.inside for d in deltas[2 * j : 2 * j + 2])
+                out[m.layer] = (delta_k.to(m.own[0].dtype), delta_v.to(m.own[1].dtype))
         return out
 
     def fuse(
@@ -332,6 +333,16 @@ def trained_fuser_dir(receiver: str, transmitter: str, task: str | None = "plays
     """
     folder = cache_root() / "fusers" / f"{Path(receiver).name}--{Path(transmitter).name}"
     return folder if task is None else folder.with_name(f"{folder.name}--{task}")
+
+
+class _LayerInputs(NamedTuple):
+    """What one fused receiver layer brings to the projectors."""
+
+    index: int  # among the fused layers: its K and V are slots 2·index and 2·index + 1
+    layer: int  # in the receiver
+    inside: Tensor  # [1, 1, rows, 1]: 0 where the paired transmitter token fell out of a sliding window
+    own: KV  # the receiver's K and V, [batch, heads, rows, dim]
+    sent: KV  # the transmitter's, one row per receiver row
 
 
 def _token_rows(x: Tensor) -> Tensor:
