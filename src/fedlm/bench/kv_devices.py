@@ -74,7 +74,7 @@ class DevicesConfig:
     pool_adapters: int = 4  # per architecture, for its fuser to train over
     pool_facts: int = 40  # each pool adapter's own facts
     strangers: int = 60  # people each adapter learns it does not know
-    fuser_steps: int = 300
+    fuser_steps: int = 600  # about 17 passes over its 4 pools of 35 training facts, as 300 were over 2 pools
     hidden: int = 256  # the fusers' width
     hint_tokens: int = 8
     # Every adapter trains this many steps on its first two thirds of layers only. Trained on all layers until it
