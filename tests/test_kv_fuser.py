@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-from fedlm.kvcomm.fuser import CacheFuser, FuserConfig, FuserMismatchError, add_residuals
+from fedlm.kvcomm.fuser import WEIGHTS_FILE, CacheFuser, FuserConfig, FuserError, FuserMismatchError, add_residuals
 from fedlm.kvcomm.train import (
     Example,
     FuserTrainConfig,
@@ -303,7 +304,7 @@ def test_training_over_several_transmitters_reads_each_pair_with_its_own(receive
         train_many(fuser, receiver, [Taught(transmitter, [])], config, progress=False)
 
 
-def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter, tmp_path: Path) -> None:
+def test_save_and_load_round_trip_and_refuse_another_pair_or_layout(receiver, transmitter, tmp_path: Path) -> None:
     fuser = scramble(CacheFuser(FuserConfig.for_pair(receiver, transmitter, hidden=16)))
     fuser.config.extra["note"] = "kept"
     fuser.save(tmp_path / "fuser")
@@ -321,6 +322,11 @@ def test_save_and_load_round_trip_and_refuse_another_pair(receiver, transmitter,
         CacheFuser.load(tmp_path / "fuser", receiver, receiver_model("gemma3"))
     with pytest.raises(FuserMismatchError, match="trained with receiver 'tiny-receiver-llama'"):
         CacheFuser.load(tmp_path / "fuser", transmitter, transmitter)
+    weights = tmp_path / "fuser" / WEIGHTS_FILE
+    state = load_file(weights)
+    save_file({k.replace("projectors.", "layers.1.key."): v for k, v in state.items()}, weights)  # another layout
+    with pytest.raises(FuserError, match="do not fit this fedlm's fuser"):
+        CacheFuser.load(tmp_path / "fuser", receiver, transmitter)
 
 
 def test_gsm8k_pairs_are_chat_questions_with_plain_answers(receiver) -> None:

@@ -306,7 +306,13 @@ class CacheFuser(nn.Module):
                     f"but this {role} has fingerprint {actual}: train a fuser for this model pair"
                 )
         fuser = cls(config)
-        fuser.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        try:
+            fuser.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        except RuntimeError as err:  # missing, unexpected or misshapen tensors
+            raise FuserError(
+                f"the weights in {folder} do not fit this fedlm's fuser (saved by a version with another layout, "
+                f"or damaged): train it again with `fedlm kv train`. {str(err).splitlines()[0]}"
+            ) from err
         return fuser.eval()
 
 
