@@ -122,8 +122,8 @@ class Projectors(nn.Module):
     would have to serve both geometries.
 
     The slots' weights are stacked, [slots, ...], and every slot's MLP runs in one batched matmul per layer of it
-    (as MoE layers store their experts). Kept per slot as 240 small `nn.Linear` calls, a 30-layer receiver's fuser
-    spent about twice as long on a 35-token question.
+    (as MoE layers store their experts). Kept per slot as 240 small `nn.Linear` calls, SmolLM2's fuser took 15.6 ms
+    on a 32-token question against 9.9 ms batched.
     """
 
     def __init__(self, slots: int, heads: int, head_dim: int, transmitter_dim: int, hidden: int) -> None:
